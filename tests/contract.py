@@ -23,11 +23,18 @@ class Case:
   ``factory(**kwargs)`` builds the transform; ``kwargs`` must contain
   ``rho`` (the perturbation size), and ``rho=0`` must reduce the transform to
   the identity on the clean gradient.
+
+  ``radius`` is the name the factory's own error messages give ``rho``.
+  ``zero_gradient_is_stationary=False`` marks a transform whose perturbation
+  does not vanish with the gradient (a random one), so that a zero gradient
+  need not give a zero update; it must still give a finite one.
   """
 
   name: str
   factory: Callable[..., optax.GradientTransformationExtraArgs]
   kwargs: dict[str, Any]
+  radius: str = "rho"
+  zero_gradient_is_stationary: bool = True
 
   def make(self, **overrides: Any) -> optax.GradientTransformationExtraArgs:
     return self.factory(**{**self.kwargs, **overrides})
@@ -35,6 +42,11 @@ class Case:
   def with_rho_schedule(self, rho: float) -> optax.GradientTransformationExtraArgs:
     """The same transform with ``rho`` given as a (constant) schedule."""
     return self.make(rho=lambda count: rho + 0.0 * count)
+
+
+def _rwp_with_rho(rho=0.01, alpha=0.5, key=0):
+  """RWP with ``gamma`` under the name ``rho``."""
+  return sam_optax.rwp(gamma=rho, alpha=alpha, key=key)
 
 
 CASES = (
@@ -53,10 +65,27 @@ CASES = (
             "policy": sam_optax.policies.every(3),
         },
     ),
+    Case(  # a random part with another direction and a policy
+        "composed_random_mask",
+        sam_optax.sharpness_aware,
+        {
+            "rho": 0.3,
+            "perturbation": sam_optax.perturbations.random_mask(0.5, key=1),
+            "direction": sam_optax.directions.gsam(0.2),
+            "policy": sam_optax.policies.every(2),
+        },
+    ),
     Case("usam", sam_optax.usam, {"rho": 0.01}),
     Case("gsam", sam_optax.gsam, {"rho": 0.05, "alpha": 0.2}),
     Case("looksam", sam_optax.looksam, {"rho": 0.05, "k": 2, "alpha": 0.7}),
     Case("esam", sam_optax.esam, {"rho": 0.05, "beta": 0.5, "gamma": 0.5, "key": 0}),
+    Case(  # the noise does not depend on the gradient
+        "rwp",
+        _rwp_with_rho,
+        {"rho": 0.01, "alpha": 0.5, "key": 0},
+        radius="gamma",
+        zero_gradient_is_stationary=False,
+    ),
     Case("ae_sam", sam_optax.ae_sam, {"rho": 0.05, "total_steps": 4}),
     Case("friendly_sam", sam_optax.friendly_sam, {"rho": 0.05, "sigma": 1.0, "lam": 0.6}),
     Case("vasso", sam_optax.vasso, {"rho": 0.05, "theta": 0.9}),

@@ -135,7 +135,8 @@ def test_zero_gradient_gives_zero_update_not_nan(case, schedule):
   updates, state = jax.jit(_step_fn(tx, loss_fn))(params, tx.init(params))
   for leaf in jax.tree.leaves(updates):
     assert bool(jnp.all(jnp.isfinite(leaf)))
-  chex.assert_trees_all_equal(updates, params)  # params unchanged
+  if case.zero_gradient_is_stationary:
+    chex.assert_trees_all_equal(updates, params)  # params unchanged
   stats = sam_optax.sam_stats(state)
   assert all(bool(jnp.isfinite(x)) for x in stats)
 
@@ -183,7 +184,8 @@ def test_missing_closure_names_the_argument(case):
 
 @cases
 def test_negative_rho_is_rejected_at_construction(case):
-  with pytest.raises(ValueError, match=r"`rho`.*rho=-0.1"):
+  name = case.radius
+  with pytest.raises(ValueError, match=rf"`{name}`.*{name}=-0.1"):
     case.make(rho=-0.1)
 
 

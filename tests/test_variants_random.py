@@ -18,8 +18,6 @@ import pytest
 import sam_optax
 from sam_optax._transforms.esam import num_selected
 from tests import problems
-from tests import test_contract as contract_checks
-from tests.contract import Case
 from tests.reference import flat, grad_at, unflatten
 
 
@@ -53,39 +51,7 @@ def _leafwise_f64(a, b):
 
 
 # ------------------------------------------------------------------------ RWP
-
-
-def _rwp_with_rho(rho=0.01, alpha=0.5, key=0):
-  """RWP with ``gamma`` under the name ``rho``, for the contract checks."""
-  return sam_optax.rwp(gamma=rho, alpha=alpha, key=key)
-
-
-RWP_CASE = Case("rwp", _rwp_with_rho, {"rho": 0.01, "alpha": 0.5, "key": 0})
-
-# Every contract check but two: a zero gradient does not give a zero update
-# (the noise does not depend on the gradient; see
-# test_rwp_zero_gradient_still_perturbs), and the radius is named `gamma`.
-_RWP_CONTRACT = [
-    ("unknown_extra_args", lambda c: contract_checks.test_unknown_extra_args_are_ignored(c)),
-    ("no_recompilation", lambda c: contract_checks.test_no_recompilation_on_second_call(c, False)),
-    ("no_recompilation_schedule", lambda c: contract_checks.test_no_recompilation_on_second_call(c, True)),
-    ("scan", lambda c: contract_checks.test_converges_under_scan(c)),
-    ("bf16", lambda c: contract_checks.test_dtypes_are_preserved(c, jnp.bfloat16)),
-    ("f32", lambda c: contract_checks.test_dtypes_are_preserved(c, jnp.float32)),
-    ("f64", lambda c: contract_checks.test_float64_is_preserved_with_x64(c)),
-    ("inject", lambda c: contract_checks.test_inject_hyperparams(c)),
-    ("cond", lambda c: contract_checks.test_state_is_stable_through_cond(c)),
-    ("rho0_float", lambda c: contract_checks.test_rho_zero_is_the_base_optimizer_exactly(c, "float")),
-    ("rho0_schedule", lambda c: contract_checks.test_rho_zero_is_the_base_optimizer_exactly(c, "schedule")),
-    ("rho0_inject", lambda c: contract_checks.test_rho_zero_is_the_base_optimizer_exactly(c, "inject")),
-    ("missing_closure", lambda c: contract_checks.test_missing_closure_names_the_argument(c)),
-    ("grad_fn", lambda c: contract_checks.test_grad_fn_under_jit(c)),
-]
-
-
-@pytest.mark.parametrize("check", [c for _, c in _RWP_CONTRACT], ids=[n for n, _ in _RWP_CONTRACT])
-def test_rwp_contract(check):
-  check(RWP_CASE)
+# The contract checks run over rwp too (`tests/contract.py`, CASES).
 
 
 @pytest.mark.parametrize("gamma, alpha", [(0.05, 0.5), (0.2, 0.3), (0.1, 1.0)])
@@ -179,7 +145,7 @@ def test_rwp_fresh_noise_every_step_and_reproducible_keys():
   assert not np.allclose(a["dense"][0], a["dense"][1])
   assert not np.allclose(a["dense"][1], a["dense"][2])
   # An int seed, its typed key and its legacy uint32 key give the same state.
-  init_key = lambda key: np.asarray(sam_optax.rwp(key=key).init(params).variant.key)
+  init_key = lambda key: np.asarray(sam_optax.rwp(key=key).init(params).variant.perturbation.key)
   for same in (jax.random.key(0), jax.random.PRNGKey(0), np.int32(0)):
     np.testing.assert_array_equal(init_key(same), init_key(0))
   b = _rwp_noise_draws(params, 0.1, 1, key=1)

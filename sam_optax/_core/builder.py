@@ -25,10 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sam_optax._core import closure, tree, validation
+from sam_optax._core import closure, collectives, tree, validation
 from sam_optax._core.stats import SAMStats
 
 PyTree = Any
+NONFINITE_POLICIES = ("fallback", "propagate")
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], Any]]
 
 
@@ -39,11 +40,14 @@ class SAMState(NamedTuple):
     count: number of ``update`` calls so far (int32); a ``rho`` schedule is
       evaluated at this count, starting at 0.
     stats: diagnostics of the last step, see :class:`SAMStats`.
+    nonfinite_count: number of steps (int32) whose perturbed gradient was
+      not finite, where the clean gradient was handed on instead.
     variant: the variant's own state (``optax.EmptyState()`` for plain SAM).
   """
 
   count: jax.Array
   stats: SAMStats
+  nonfinite_count: jax.Array
   variant: PyTree = optax.EmptyState()
 
 
@@ -117,9 +121,16 @@ def build(
     eps: float = 1e-12,
     num_ascent_steps: int = 1,
     renormalize: bool = False,
+    nonfinite: str = "fallback",
+    axis_name: Optional[collectives.AxisName] = None,
+    sync_perturbation: bool = False,
+    group_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Assembles a sharpness-aware transform from its rule (see module doc)."""
   check_common(caller, rho, eps, num_ascent_steps, renormalize)
+  validation.check_option(caller, "nonfinite", nonfinite, NONFINITE_POLICIES)
+  collectives.check_options(caller, axis_name, sync_perturbation, group_size)
+  axis = collectives.Axis(axis_name, sync_perturbation, group_size)
   static_rho = _static_number(rho)
   static_steps = (
       None
@@ -131,6 +142,7 @@ def build(
     return SAMState(
         count=jnp.zeros((), jnp.int32),
         stats=SAMStats.zeros(),
+        nonfinite_count=jnp.zeros((), jnp.int32),
         variant=rule.init(params),
     )
 
@@ -141,71 +153,121 @@ def build(
       *,
       loss_fn: Optional[Callable[..., Any]] = None,
       grad_fn: Optional[Callable[[PyTree], PyTree]] = None,
+      loss_scale: Optional[Any] = None,
       **extra_args: Any,
   ) -> tuple[PyTree, SAMState]:
     del extra_args
-    oracle = closure.gradient_oracle(caller, params, loss_fn, grad_fn)
+    raw_oracle = closure.gradient_oracle(caller, params, loss_fn, grad_fn)
     closure.check_same_tree(
         caller, updates, params, "`updates` (the clean gradient)", "params"
     )
+    if axis.active:
+      axis.check_local(caller, updates)
+    unscale = _unscaler(caller, loss_scale)
+    local = unscale(updates)
+
+    def oracle(point):
+      g_k, loss_k = raw_oracle(axis.to_varying(point))
+      return unscale(g_k), loss_k / (1.0 if loss_scale is None else loss_scale)
+
+    g = axis.perturbation_gradient(local)
     count = state.count
     rho_t = jnp.asarray(rho(count) if callable(rho) else rho)
-    grad_norm = tree.global_norm(updates)
+    grad_norm = tree.global_norm(g)
+    finite = jnp.isfinite(grad_norm)
+    if axis.active:
+      finite = jnp.logical_not(axis.any(jnp.logical_not(finite)))
     prepared = state.variant
     if rule.prepare is not None:
-      prepared = rule.prepare(updates, params, prepared, count)
-    direction, variant = rule.direction(updates, params, prepared, count)
+      prepared = rule.prepare(g, params, prepared, count)
+    direction, variant = rule.direction(g, params, prepared, count)
     step = rho_t.astype(grad_norm.dtype) / jnp.asarray(
         num_ascent_steps, grad_norm.dtype
     )
     one = jnp.ones((), step.dtype)
     zero_loss = jnp.zeros((), jnp.float32)
 
-    def perturbed(variant):
+    def perturbed(variant, guard=None):
       offset = jax.tree.map(lambda d: step * d, direction)
+      if guard is not None:  # no switch: a non-finite g perturbs by zero
+        offset = jax.tree.map(lambda o: jnp.where(guard, o, 0), offset)
       if static_steps is None or static_steps > 1:
 
         def ascend(_, off):
           g_k, _ = oracle(tree.add_scaled(params, off, one))
-          d_k, _ = rule.direction(g_k, params, prepared, count)
+          d_k, _ = rule.direction(
+              axis.perturbation_gradient(g_k), params, prepared, count
+          )
           return jax.tree.map(lambda o, d: o + step * d, off, d_k)
 
         offset = jax.lax.fori_loop(0, num_ascent_steps - 1, ascend, offset)
       g_adv, loss = oracle(tree.add_scaled(params, offset, one))
-      out, variant = rule.combine(updates, g_adv, params, variant)
-      if renormalize:  # the other branches keep the clean norm already
-        ratio = grad_norm / jnp.maximum(tree.global_norm(out), eps)
-        out = tree.scale_wide(out, ratio)
-      return tree.cast_like(out, updates), loss, variant, one
+      adv_finite = jnp.isfinite(tree.global_norm(g_adv))
+      if nonfinite == "propagate":
+        adv_finite = jnp.ones((), jnp.bool_)
+
+      def combine(variant):
+        out, variant = rule.combine(g, g_adv, params, variant)
+        if renormalize:  # the other branches keep the clean norm already
+          ratio = grad_norm / jnp.maximum(tree.global_norm(out), eps)
+          out = tree.scale_wide(out, ratio)
+        return tree.cast_like(out, updates), variant
+
+      def keep_clean(variant):
+        return g, variant
+
+      out, variant = jax.lax.cond(
+          adv_finite,
+          lambda v: axis.to_varying(combine(v)),
+          lambda v: axis.to_varying(keep_clean(v)),
+          axis.to_varying(variant),
+      )
+      took = jnp.where(adv_finite, one, 0 * one)
+      return out, jnp.where(adv_finite, loss, zero_loss), variant, took
 
     def skipped(variant):
-      out, variant = rule.fallback(updates, params, variant)
+      out, variant = rule.fallback(g, params, variant)
       return tree.cast_like(out, updates), zero_loss, variant, 0 * one
 
     def clean(variant):
-      return updates, zero_loss, variant, 0 * one
+      return g, zero_loss, variant, 0 * one
 
     if rule.gate is None:
       take = None
     else:
-      take, variant = rule.gate(updates, params, variant, count)
+      take, variant = rule.gate(g, params, variant, count)
+      if axis.active:
+        take = axis.any(take)
     if static_rho == 0.0:
-      branch = clean
+      index = 0
+      out, loss, variant, took = clean(variant)
     elif static_rho is not None and take is None:
-      branch = perturbed
+      # The pass always runs: no conditional around the user's closure.
+      index = jnp.where(finite, 2, 0)
+      out, loss, variant, took = perturbed(variant, finite)
+      out = jax.tree.map(lambda o, c: jnp.where(finite, o, c), out, g)
+      loss, took = loss * finite, took * finite
     else:
-      branch = None
-    if branch is not None:
-      out, loss, variant, took = branch(variant)
-    else:
-      positive = rho_t > 0
+      positive = finite if static_rho is not None else finite & (rho_t > 0)
       index = jnp.where(
           positive, 2 if take is None else jnp.where(take, 2, 1), 0
       ).astype(jnp.int32)
-      out, loss, variant, took = jax.lax.switch(
-          index, (clean, skipped, perturbed), variant
+      branches = tuple(
+          lambda v, f=f: axis.to_varying(f(v)) for f in (clean, skipped, perturbed)
       )
-
+      out, loss, variant, took = jax.lax.switch(
+          index, branches, axis.to_varying(variant)
+      )
+    # Where the clean gradient is not finite it is handed on unchanged (the
+    # state too), so that `optax.apply_if_finite` skips the step.
+    if jax.tree.leaves(variant):
+      variant = jax.lax.cond(
+          finite,
+          lambda: axis.to_varying(variant),
+          lambda: axis.to_varying(state.variant),
+      )
+    out = axis.mean(out) if axis.active else out
+    skipped_nonfinite = (index == 2) & (took == 0)
     stats = SAMStats.of(
         grad_norm=grad_norm,
         perturbed_grad_norm=tree.global_norm(out),
@@ -213,8 +275,34 @@ def build(
         rho=rho_t,
         pass_taken=took,
     )
-    return out, SAMState(
-        count=optax.safe_increment(state.count), stats=stats, variant=variant
+    nonfinite_count = state.nonfinite_count + skipped_nonfinite.astype(
+        jnp.int32
+    )
+    if axis.active:
+      stats = axis.mean(stats)
+      variant = axis.agree(variant)
+      nonfinite_count = axis.agree(nonfinite_count)
+    return tree.cast_like(out, updates), SAMState(
+        count=optax.safe_increment(state.count),
+        stats=stats,
+        nonfinite_count=nonfinite_count,
+        variant=variant,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _unscaler(caller: str, loss_scale: Any) -> Callable[[PyTree], PyTree]:
+  """Divides gradients by ``loss_scale`` (identity when it is ``None``)."""
+  if loss_scale is None:
+    return lambda grads: grads
+  if not isinstance(loss_scale, jax.core.Tracer):
+    value = np.asarray(loss_scale)
+    if value.shape != () or not np.all(np.isfinite(value)) or value <= 0:
+      raise ValueError(
+          f"`{caller}`: `loss_scale` must be a positive finite scalar (the"
+          " factor by which the loss, and so `updates` and every gradient"
+          f" of `loss_fn`/`grad_fn`, are multiplied); got {loss_scale!r}."
+      )
+  inverse = 1.0 / jnp.asarray(loss_scale, jnp.float32)
+  return lambda grads: tree.cast_like(tree.scale_wide(grads, inverse), grads)

@@ -7,6 +7,7 @@ from typing import Any, NamedTuple, Optional
 import optax
 
 from sam_optax._core import builder, masking
+from sam_optax._core.collectives import AxisName
 from sam_optax._core.builder import ScalarOrSchedule
 from sam_optax._parts import directions as directions_lib
 from sam_optax._parts import perturbations as perturbations_lib
@@ -85,6 +86,10 @@ def sharpness_aware(
     eps: float = 1e-12,
     num_ascent_steps: int = 1,
     renormalize: bool = False,
+    nonfinite: str = "fallback",
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    group_size: Optional[int] = None,
     name: str = "sharpness_aware",
 ) -> optax.GradientTransformationExtraArgs:
   r"""A sharpness-aware transform composed from interchangeable parts.
@@ -105,7 +110,8 @@ def sharpness_aware(
   ``mask`` restricts the perturbation to selected leaves or entries (see
   :func:`sam_optax.perturbations.masked`). The named variants
   (:func:`sam_optax.sam`, :func:`sam_optax.asam`, :func:`sam_optax.gsam`,
-  :func:`sam_optax.looksam`, ...) are such compositions.
+  :func:`sam_optax.looksam`, :func:`sam_optax.rwp`, :func:`sam_optax.esam`,
+  ...) are such compositions.
 
   Args:
     rho: perturbation radius or a schedule of the step count.
@@ -116,6 +122,8 @@ def sharpness_aware(
     eps: added to norms in denominators (renormalization).
     num_ascent_steps: see :func:`sam_optax.sam`.
     renormalize: see :func:`sam_optax.sam`.
+    nonfinite, axis_name, sync_perturbation, group_size: see
+      :func:`sam_optax.sam`.
     name: the name used in error messages.
 
   Returns:
@@ -161,4 +169,8 @@ def sharpness_aware(
       eps=eps,
       num_ascent_steps=num_ascent_steps,
       renormalize=renormalize,
+      nonfinite=nonfinite,
+      axis_name=axis_name,
+      sync_perturbation=sync_perturbation,
+      group_size=group_size,
   )

@@ -15,7 +15,7 @@ import optax
 
 from sam_optax._core import tree, validation
 
-__all__ = ("Direction", "LookSAMState", "gsam", "looksam", "perturbed")
+__all__ = ("Direction", "LookSAMState", "gsam", "looksam", "mix", "perturbed")
 
 PyTree = Any
 
@@ -45,6 +45,26 @@ def perturbed() -> Direction:
   def combine(g, g_p, params, state):
     del g, params
     return g_p, state
+
+  return Direction(lambda params: optax.EmptyState(), combine, _clean)
+
+
+def mix(alpha: float = 0.5) -> Direction:
+  r"""RWP's output :math:`\alpha g_p + (1 - \alpha) g`; skipped steps return ``g``.
+
+  ``alpha = 1`` is :func:`perturbed`, ``alpha = 0`` the clean gradient.
+  """
+  validation.check_scalar("mix", "alpha", alpha, low=0.0, high=1.0)
+
+  def combine(g, g_p, params, state):
+    del params
+
+    def leaf(clean, perturbed):
+      wide = jnp.promote_types(tree.wide_dtype(clean.dtype), perturbed.dtype)
+      a = jnp.asarray(alpha).astype(wide)
+      return a * perturbed.astype(wide) + (1 - a) * clean.astype(wide)
+
+    return jax.tree.map(leaf, g, g_p), state
 
   return Direction(lambda params: optax.EmptyState(), combine, _clean)
 

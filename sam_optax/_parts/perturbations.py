@@ -14,11 +14,14 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax._core import masking, tree, validation
+from sam_optax._core.prng import PRNG, KeyLike, RandomKeyState
 
 __all__ = (
     "FisherMaskState",
     "FriendlySAMState",
     "Perturbation",
+    "RandomKeyState",
+    "RandomMaskState",
     "VaSSOState",
     "adaptive",
     "fisher",
@@ -26,6 +29,8 @@ __all__ = (
     "friendly",
     "l2",
     "masked",
+    "random",
+    "random_mask",
     "unnormalized",
     "vasso",
 )
@@ -288,5 +293,177 @@ def fisher_mask(
     sub = masked(inner, state.mask, mask_gradient=normalize == "masked")
     d, _ = sub.direction(g, params, optax.EmptyState(), count)
     return d, state
+
+  return Perturbation(init, direction, prepare)
+
+
+FILTER_AXES = {"last": -1, "first": 0}
+
+
+def check_filter_axis(caller: str, filter_axis: Any) -> None:
+  """Raises ``ValueError`` unless ``filter_axis`` is ``"last"`` or ``"first"``."""
+  if not isinstance(filter_axis, str) or filter_axis not in FILTER_AXES:
+    raise ValueError(
+        f"`{caller}`: `filter_axis` must be \"last\" (Flax layout, kernels"
+        " (..., in, out)) or \"first\" (PyTorch layout, (out, in, ...)); got"
+        f" filter_axis={filter_axis!r}."
+    )
+
+
+def _filter_norm(w: jax.Array, filter_axis: str) -> jax.Array:
+  """The norm of each element's filter (of the whole leaf below 2-D), wide."""
+  wide = w.astype(tree.wide_dtype(w.dtype))
+  if wide.ndim < 2:
+    return jnp.sqrt(jnp.sum(jnp.square(wide)))
+  axis = FILTER_AXES[filter_axis] % wide.ndim
+  others = tuple(a for a in range(wide.ndim) if a != axis)
+  return jnp.sqrt(jnp.sum(jnp.square(wide), axis=others, keepdims=True))
+
+
+def gaussian_noise(
+    keys: jax.Array, params: PyTree, filter_axis: str = "last",
+    relative: bool = True,
+) -> PyTree:
+  """``z * ‖filter‖`` (``relative``) or ``z``, ``z ~ N(0, 1)`` shaped like ``params``.
+
+  Leaf ``i`` uses ``keys[i]``; the result is in at least float32.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  noise = []
+  for k, w in zip(keys, leaves, strict=True):
+    z = jax.random.normal(k, jnp.shape(w), tree.wide_dtype(w.dtype))
+    noise.append(z * _filter_norm(w, filter_axis) if relative else z)
+  return jax.tree.unflatten(treedef, noise)
+
+
+def random(
+    key: KeyLike = 0, *, filter_axis: str = "last", relative: bool = True
+) -> Perturbation:
+  r"""RWP's random direction: Gaussian noise, independent of the gradient.
+
+  With ``relative=True`` (RWP), the noise of each filter :math:`W_i` of a
+  leaf is scaled by the filter's norm, so that
+  :math:`\epsilon_{W,i} = \rho d_{W,i} \sim \mathcal{N}(0, \rho^2
+  \|W_i\|_2^2 I)`. The filters of a leaf with two or more dimensions are
+  its slices along ``filter_axis`` (``"last"``: the output columns and
+  channels of Flax kernels; ``"first"``: the PyTorch layout); leaves with
+  fewer dimensions use the norm of the whole leaf. With ``relative=False``,
+  :math:`d \sim \mathcal{N}(0, I)`.
+
+  A fresh draw is made at every step from the key in the part's state (a
+  :class:`RandomKeyState`); with several ascent steps, each adds the same
+  draw. The direction does not vanish with the gradient. See
+  :func:`sam_optax.rwp`.
+
+  Examples:
+    RWP's noise with SAM's output (the perturbed gradient), the pass every
+    third step:
+
+    >>> import sam_optax
+    >>> tx = sam_optax.sharpness_aware(
+    ...     rho=0.01,
+    ...     perturbation=sam_optax.perturbations.random(key=0),
+    ...     policy=sam_optax.policies.every(3),
+    ... )
+  """
+  check_filter_axis("random", filter_axis)
+  if not isinstance(relative, bool):
+    raise ValueError(
+        f"`random`: `relative` must be True or False; got relative={relative!r}."
+    )
+  prng = PRNG.of("random", key)
+
+  def direction(g, params, state, count):
+    del g, count
+    state, keys = prng.split(state, len(jax.tree.leaves(params)))
+    return gaussian_noise(keys, params, filter_axis, relative), state
+
+  return Perturbation(lambda params: prng.init(), direction)
+
+
+class RandomMaskState(NamedTuple):
+  """The state of :func:`random_mask`.
+
+  Attributes:
+    key: raw ``uint32`` data of the PRNG key for the next step's mask (see
+      :class:`RandomKeyState`).
+    inner: the state of the wrapped perturbation.
+  """
+
+  key: jax.Array
+  inner: Any
+
+
+def random_mask(
+    beta: float = 0.6,
+    key: KeyLike = 0,
+    *,
+    inner: Optional[Perturbation] = None,
+    mask_gradient: bool = True,
+) -> Perturbation:
+  r"""ESAM's stochastic weight perturbation: a fresh random subset of leaves.
+
+  Every step, each leaf of the parameter tree (one weight tensor) is kept
+  with probability :math:`\beta`, independently; with :math:`M` that mask,
+  the direction is that of :func:`masked` ``(inner, M)`` scaled by
+  :math:`1/\beta`. For ``inner = l2()`` (the default) and
+  ``mask_gradient=True`` this is ESAM's
+
+  .. math::
+
+    d = \frac{1}{\beta} \, \frac{M \odot g}{\|M \odot g\|_2 + \mathrm{eps}} .
+
+  The mask is drawn from the key in the part's state, which advances every
+  step; several ascent steps within a step share one mask. ``beta = 1``
+  keeps every leaf and is ``inner`` itself.
+
+  Args:
+    beta: probability :math:`\beta \in (0, 1]` that a leaf is perturbed.
+    key: a non-negative int seed or a JAX PRNG key.
+    inner: the perturbation restricted to the mask (default :func:`l2`).
+    mask_gradient: as in :func:`masked`: mask the gradient before ``inner``
+      sees it (norms over the kept leaves), or only its direction after.
+
+  Examples:
+    ESAM's random masks with GSAM's output, the pass every other step:
+
+    >>> import jax.numpy as jnp, sam_optax
+    >>> tx = sam_optax.sharpness_aware(
+    ...     rho=0.05,
+    ...     perturbation=sam_optax.perturbations.random_mask(beta=0.5, key=0),
+    ...     direction=sam_optax.directions.gsam(alpha=0.1),
+    ...     policy=sam_optax.policies.every(2),
+    ... )
+    >>> params = {"w": jnp.ones((2, 2)), "b": jnp.zeros(2)}
+    >>> state = tx.init(params)
+    >>> type(state.variant.perturbation).__name__
+    'RandomMaskState'
+  """
+  validation.check_scalar(
+      "random_mask", "beta", beta, low=0.0, high=1.0, low_inclusive=False
+  )
+  prng = PRNG.of("random_mask", key)
+  inner = l2() if inner is None else inner
+
+  def init(params):
+    return RandomMaskState(key=prng.init().key, inner=inner.init(params))
+
+  def direction(g, params, state, count):
+    leaves, treedef = jax.tree.flatten(params)
+    advanced, keys = prng.split(RandomKeyState(state.key), len(leaves))
+    p = jnp.asarray(beta, jnp.float32)
+    kept = jax.tree.unflatten(
+        treedef, [jax.random.bernoulli(k, p) for k in keys]
+    )
+    sub = masked(inner, kept, mask_gradient=mask_gradient)
+    d, inner_state = sub.direction(g, params, state.inner, count)
+    d = tree.scale_wide(d, 1.0 / p)
+    return d, RandomMaskState(key=advanced.key, inner=inner_state)
+
+  prepare = None
+  if inner.prepare is not None:
+
+    def prepare(g, params, state, count):
+      return state._replace(inner=inner.prepare(g, params, state.inner, count))
 
   return Perturbation(init, direction, prepare)

@@ -90,8 +90,8 @@ def ae_sam_threshold_coefficient(
 
 def adaptive(
     delta: float = 0.9,
-    lambda_start: float = -1.0,
-    lambda_end: float = 1.0,
+    lambda_start: float = 1.0,
+    lambda_end: float = -1.0,
     total_steps: int = 1,
 ) -> Policy:
   r"""AE-SAM's policy: take the pass when :math:`\|g_t\|^2 \ge \mu_t + c_t \sigma_t`.

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import optax
 
 from sam_optax._core.builder import ScalarOrSchedule
+from sam_optax._core.collectives import AxisName
 from sam_optax._parts import perturbations, policies
 from sam_optax._parts.compose import sharpness_aware
 from sam_optax._parts.policies import AESAMState, ae_sam_threshold_coefficient
@@ -15,12 +18,16 @@ __all__ = ("AESAMState", "ae_sam", "ae_sam_threshold_coefficient")
 def ae_sam(
     rho: ScalarOrSchedule = 0.05,
     delta: float = 0.9,
-    lambda_start: float = -1.0,
-    lambda_end: float = 1.0,
+    lambda_start: float = 1.0,
+    lambda_end: float = -1.0,
     *,
     total_steps: int,
     eps: float = 1e-12,
     renormalize: bool = False,
+    nonfinite: str = "fallback",
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    group_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AE-SAM: an adaptive policy that takes the SAM step only in sharp regions.
 
@@ -45,26 +52,34 @@ def ae_sam(
       g_t & \text{otherwise,}
     \end{cases}
     \qquad
-    c_t = \lambda_1 + (\lambda_2 - \lambda_1) \min(t / T, 1),
+    c_t = c_{\text{start}} + (c_{\text{end}} - c_{\text{start}})
+      \min(t / T, 1),
 
-  with :math:`T` = ``total_steps``. Raising :math:`c_t` over training
-  (``lambda_start < lambda_end``) lowers the fraction of SAM steps as the
-  iterate settles; the statistics are float32 scalars. Only the branch taken
-  runs (``jax.lax.switch``); ``sam_stats(state).pass_taken`` records the
-  decision, so its mean is the fraction of SAM steps.
+  with :math:`T` = ``total_steps``. The paper writes the schedule as
+  :math:`c_t = \frac{t}{T}\lambda_1 + (1 - \frac{t}{T})\lambda_2`, so
+  ``lambda_start`` is its :math:`\lambda_2` and ``lambda_end`` its
+  :math:`\lambda_1`. The default lowers :math:`c_t` from 1 to -1: the
+  threshold falls, so SAM steps become more frequent as training proceeds
+  and the iterate approaches a minimum; the statistics are float32
+  scalars. Only the branch taken runs (``jax.lax.switch``);
+  ``sam_stats(state).pass_taken`` records the decision, so its mean is the
+  fraction of SAM steps.
 
   Args:
     rho: SAM's perturbation radius, or a schedule of the step count. With
       ``rho == 0`` every step returns ``g`` (the moving averages still
       advance).
     delta: EMA factor :math:`\delta \in [0, 1)` of both moving averages.
-    lambda_start: :math:`\lambda_1`, the threshold coefficient at step 0.
-    lambda_end: :math:`\lambda_2`, the coefficient from step
-      ``total_steps`` on.
+    lambda_start: :math:`c_0` (the paper's :math:`\lambda_2`), the
+      threshold coefficient at step 0.
+    lambda_end: :math:`c_T` (the paper's :math:`\lambda_1`), the
+      coefficient from step ``total_steps`` on.
     total_steps: :math:`T`, the number of steps over which the coefficient
       moves (usually the length of training), an int >= 1.
     eps: added to the gradient norm in SAM's perturbation.
     renormalize: see :func:`sam_optax.sam`; applies on the SAM steps.
+    nonfinite, axis_name, sync_perturbation, group_size: see
+      :func:`sam_optax.sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` takes
@@ -92,11 +107,11 @@ def ae_sam(
     ...   print(int(sam_optax.sam_stats(state).pass_taken), end=" ")
     1 1 1 1 1 1 1 0 1 0
 
-    In training, with a threshold that rises over the run:
+    In training, with the default threshold falling from 1 to -1 over the
+    run:
 
     >>> tx = optax.chain(
-    ...     sam_optax.ae_sam(rho=0.05, delta=0.9, lambda_start=-1.0,
-    ...                      lambda_end=1.0, total_steps=10_000),
+    ...     sam_optax.ae_sam(rho=0.05, delta=0.9, total_steps=10_000),
     ...     optax.sgd(0.1, momentum=0.9))
 
   References:
@@ -109,5 +124,9 @@ def ae_sam(
       policy=policies.adaptive(delta, lambda_start, lambda_end, total_steps),
       eps=eps,
       renormalize=renormalize,
+      nonfinite=nonfinite,
+      axis_name=axis_name,
+      sync_perturbation=sync_perturbation,
+      group_size=group_size,
       name="ae_sam",
   )

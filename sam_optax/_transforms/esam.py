@@ -8,9 +8,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax._core import builder, tree, validation
+from sam_optax._core import validation
 from sam_optax._core.builder import ScalarOrSchedule
-from sam_optax._transforms.rwp import PRNG, KeyLike, RandomKeyState
+from sam_optax._core.collectives import AxisName
+from sam_optax._core.prng import PRNG, KeyLike
+from sam_optax._parts import perturbations
+from sam_optax._parts.compose import sharpness_aware
 
 __all__ = ("esam", "num_selected", "sds_loss")
 
@@ -104,6 +107,10 @@ def esam(
     *,
     key: KeyLike = 0,
     eps: float = 1e-12,
+    nonfinite: str = "fallback",
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    group_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Efficient SAM: a randomly masked perturbation, and the sharpest examples only.
 
@@ -153,6 +160,11 @@ def esam(
   the paper, does not shrink the backward pass; and SWP does not save the
   clean gradient's computation, which the caller has already done.
 
+  SWP is the perturbation part :func:`sam_optax.perturbations.random_mask`
+  (``beta, key, inner=perturbations.l2(eps)``), usable with any direction
+  and policy of :func:`sam_optax.sharpness_aware`; SDS is a property of the
+  loss closure, :func:`sds_loss`, which ``update`` applies to ``loss_fn``.
+
   A scalar ``loss_fn`` is a batch of one: SDS then keeps it. With
   ``grad_fn=`` instead of ``loss_fn=`` there are no per-example losses and
   only SWP applies (as with ``gamma = 1``). ``rho == 0`` returns ``g``
@@ -167,11 +179,13 @@ def esam(
       ``optax.inject_hyperparams``: the selection is a mask, not a slice.
     key: a non-negative int seed or a JAX PRNG key for the masks.
     eps: added to the norm of the masked gradient.
+    nonfinite, axis_name, sync_perturbation, group_size: see
+      :func:`sam_optax.sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
-    :class:`~sam_optax.SAMState` with a :class:`~sam_optax.RandomKeyState`
-    variant. ``sam_stats(state).perturbed_loss`` is the mean loss of the
+    :class:`~sam_optax.SAMState`; its ``variant.perturbation`` is a
+    :class:`~sam_optax.perturbations.RandomMaskState`. ``sam_stats(state).perturbed_loss`` is the mean loss of the
     selected examples at :math:`w + \hat\epsilon`.
 
   Raises:
@@ -209,27 +223,19 @@ def esam(
   validation.check_scalar(
       "esam", "gamma", gamma, low=0.0, high=1.0, low_inclusive=False
   )
-  prng = PRNG.of("esam", key)
-
-  def init(params: Any) -> RandomKeyState:
-    del params
-    return prng.init()
-
-  def direction(grads: Any, params: Any, state: RandomKeyState, count: Any):
-    del params, count
-    leaves, treedef = jax.tree.flatten(grads)
-    state, keys = prng.split(state, len(leaves))
-    p = jnp.asarray(beta, jnp.float32)
-    masked = [
-        jnp.where(jax.random.bernoulli(k, p), g, jnp.zeros_like(g))
-        for k, g in zip(keys, leaves, strict=True)
-    ]
-    masked = tree.widen(jax.tree.unflatten(treedef, masked))
-    scale = 1.0 / (p * (tree.global_norm(masked) + eps))
-    return tree.scale_wide(masked, scale), state
-
-  inner = builder.build(
-      "esam", rho, builder.Rule(init=init, direction=direction), eps=eps
+  validation.check_scalar("esam", "eps", eps, low=0.0, low_inclusive=False)
+  PRNG.of("esam", key)  # a bad key is reported under this name
+  inner = sharpness_aware(
+      rho,
+      perturbation=perturbations.random_mask(
+          beta, key, inner=perturbations.l2(eps)
+      ),
+      eps=eps,
+      nonfinite=nonfinite,
+      axis_name=axis_name,
+      sync_perturbation=sync_perturbation,
+      group_size=group_size,
+      name="esam",
   )
 
   def update_fn(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import optax
 
 from sam_optax._core.builder import ScalarOrSchedule
+from sam_optax._core.collectives import AxisName
 from sam_optax._parts import perturbations
 from sam_optax._parts.compose import sharpness_aware
 
@@ -18,6 +21,10 @@ def fisher_sam(
     eps: float = 1e-12,
     num_ascent_steps: int = 1,
     renormalize: bool = False,
+    nonfinite: str = "fallback",
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    group_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Fisher SAM: the worst point of a Fisher-information ellipsoid.
 
@@ -55,6 +62,8 @@ def fisher_sam(
     num_ascent_steps: see :func:`sam_optax.sam`. Each ascent step rebuilds
       :math:`F` from the gradient at the intermediate point.
     renormalize: see :func:`sam_optax.sam`.
+    nonfinite, axis_name, sync_perturbation, group_size: see
+      :func:`sam_optax.sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (``update`` takes
@@ -86,5 +95,9 @@ def fisher_sam(
       eps=eps,
       num_ascent_steps=num_ascent_steps,
       renormalize=renormalize,
+      nonfinite=nonfinite,
+      axis_name=axis_name,
+      sync_perturbation=sync_perturbation,
+      group_size=group_size,
       name="fisher_sam",
   )

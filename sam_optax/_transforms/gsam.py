@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +10,7 @@ import optax
 
 from sam_optax._core import validation
 from sam_optax._core.builder import ScalarOrSchedule
+from sam_optax._core.collectives import AxisName
 from sam_optax._parts import directions, perturbations
 from sam_optax._parts.compose import sharpness_aware
 
@@ -23,6 +24,10 @@ def gsam(
     eps: float = 1e-12,
     num_ascent_steps: int = 1,
     renormalize: bool = False,
+    nonfinite: str = "fallback",
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    group_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GSAM: SAM plus an ascent step on the surrogate gap.
 
@@ -48,6 +53,8 @@ def gsam(
     eps: added to norms in denominators.
     num_ascent_steps: see :func:`sam_optax.sam`.
     renormalize: see :func:`sam_optax.sam`.
+    nonfinite, axis_name, sync_perturbation, group_size: see
+      :func:`sam_optax.sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (``update`` takes
@@ -75,6 +82,10 @@ def gsam(
       eps=eps,
       num_ascent_steps=num_ascent_steps,
       renormalize=renormalize,
+      nonfinite=nonfinite,
+      axis_name=axis_name,
+      sync_perturbation=sync_perturbation,
+      group_size=group_size,
       name="gsam",
   )
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import optax
 
 from sam_optax._core.builder import ScalarOrSchedule
+from sam_optax._core.collectives import AxisName
 from sam_optax._parts import directions, perturbations, policies
 from sam_optax._parts.compose import sharpness_aware
 from sam_optax._parts.directions import LookSAMState
@@ -19,6 +22,10 @@ def looksam(
     *,
     eps: float = 1e-12,
     renormalize: bool = False,
+    nonfinite: str = "fallback",
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    group_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LookSAM: exact SAM every ``k`` steps, a cheap correction in between.
 
@@ -48,6 +55,8 @@ def looksam(
     alpha: weight :math:`\alpha \ge 0` of the reused orthogonal component.
     eps: added to norms in denominators.
     renormalize: see :func:`sam_optax.sam`; applies on the exact steps.
+    nonfinite, axis_name, sync_perturbation, group_size: see
+      :func:`sam_optax.sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (``update`` takes
@@ -70,5 +79,9 @@ def looksam(
       policy=policies.every(k),
       eps=eps,
       renormalize=renormalize,
+      nonfinite=nonfinite,
+      axis_name=axis_name,
+      sync_perturbation=sync_perturbation,
+      group_size=group_size,
       name="looksam",
   )

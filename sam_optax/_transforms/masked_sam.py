@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +11,7 @@ import optax
 
 from sam_optax._core import masking, validation
 from sam_optax._core.builder import ScalarOrSchedule
+from sam_optax._core.collectives import AxisName
 from sam_optax._parts import perturbations
 from sam_optax._parts.compose import sharpness_aware
 from sam_optax._parts.perturbations import FisherMaskState
@@ -63,6 +64,7 @@ def _build_masked(
     num_ascent_steps: int,
     renormalize: bool,
     hint: str = "",
+    **options: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """A SAM transform perturbing only the entries ``mask`` selects."""
   validation.check_option(caller, "normalize", normalize, _NORMALIZE)
@@ -93,6 +95,7 @@ def _build_masked(
       num_ascent_steps=num_ascent_steps,
       renormalize=renormalize,
       name=caller,
+      **options,
   )
 
 
@@ -104,6 +107,10 @@ def masked_sam(
     eps: float = 1e-12,
     num_ascent_steps: int = 1,
     renormalize: bool = False,
+    nonfinite: str = "fallback",
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    group_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sparse SAM with a fixed mask: only the selected entries are perturbed.
 
@@ -142,6 +149,8 @@ def masked_sam(
     eps: added to the norm.
     num_ascent_steps: see :func:`sam_optax.sam`; every ascent step is masked.
     renormalize: see :func:`sam_optax.sam`.
+    nonfinite, axis_name, sync_perturbation, group_size: see
+      :func:`sam_optax.sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (``update`` takes
@@ -175,7 +184,17 @@ def masked_sam(
     https://arxiv.org/abs/2306.04226
   """
   return _build_masked(
-      "masked_sam", rho, mask, normalize, eps, num_ascent_steps, renormalize
+      "masked_sam",
+      rho,
+      mask,
+      normalize,
+      eps,
+      num_ascent_steps,
+      renormalize,
+      nonfinite=nonfinite,
+      axis_name=axis_name,
+      sync_perturbation=sync_perturbation,
+      group_size=group_size,
   )
 
 
@@ -189,6 +208,10 @@ def fisher_masked_sam(
     eps: float = 1e-12,
     num_ascent_steps: int = 1,
     renormalize: bool = False,
+    nonfinite: str = "fallback",
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    group_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Fisher-mask SAM / SSAM-F: perturb only the entries with the most Fisher information.
 
@@ -238,6 +261,8 @@ def fisher_masked_sam(
     num_ascent_steps: see :func:`sam_optax.sam`; every ascent step uses the
       mask of the current step.
     renormalize: see :func:`sam_optax.sam`.
+    nonfinite, axis_name, sync_perturbation, group_size: see
+      :func:`sam_optax.sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (``update`` takes
@@ -279,5 +304,9 @@ def fisher_masked_sam(
       eps=eps,
       num_ascent_steps=num_ascent_steps,
       renormalize=renormalize,
+      nonfinite=nonfinite,
+      axis_name=axis_name,
+      sync_perturbation=sync_perturbation,
+      group_size=group_size,
       name="fisher_masked_sam",
   )

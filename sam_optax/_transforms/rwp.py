@@ -2,100 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 
-from sam_optax._core import builder, tree, validation
+from sam_optax._core import validation
 from sam_optax._core.builder import ScalarOrSchedule
+from sam_optax._core.collectives import AxisName
+from sam_optax._core.prng import PRNG, KeyLike, RandomKeyState
+from sam_optax._parts import directions, perturbations
+from sam_optax._parts.compose import sharpness_aware
 
 __all__ = ("RandomKeyState", "rwp", "rwp_noise")
-
-KeyLike = Union[int, jax.Array]
-
-
-class RandomKeyState(NamedTuple):
-  """The variant state of a transform that draws random numbers.
-
-  Attributes:
-    key: raw ``uint32`` data of the PRNG key for the next step (see
-      ``jax.random.key_data``). It is advanced at every ``update``, so every
-      step draws fresh random numbers. Stored raw, it checkpoints and passes
-      through ``jax.tree`` utilities like any other array.
-  """
-
-  key: jax.Array
-
-
-class PRNG(NamedTuple):
-  """How a factory's ``key`` argument is turned into state (internal)."""
-
-  caller: str
-  key: Any
-  impl: Optional[Any]
-
-  @classmethod
-  def of(cls, caller: str, key: KeyLike) -> PRNG:
-    """Checks ``key``: a non-negative int seed, a typed key or a raw uint32 key."""
-    if isinstance(key, bool) or key is None:
-      raise ValueError(_bad_key(caller, key))
-    if isinstance(key, int):
-      if key < 0:
-        raise ValueError(_bad_key(caller, key))
-      return cls(caller, key, None)
-    dtype = getattr(key, "dtype", None)
-    if dtype is None:
-      raise ValueError(_bad_key(caller, key))
-    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-      if jnp.shape(key) != ():
-        raise ValueError(_bad_key(caller, key))
-      return cls(caller, key, jax.random.key_impl(key))
-    if np.issubdtype(dtype, np.integer):
-      shape = jnp.shape(key)
-      if shape == ():  # an int seed as an array (optax.inject_hyperparams)
-        return cls(caller, key, None)
-      if dtype == np.uint32 and len(shape) == 1:  # legacy raw key
-        return cls(caller, key, None)
-    raise ValueError(_bad_key(caller, key))
-
-  def init(self) -> RandomKeyState:
-    key = self.key
-    if not jax.dtypes.issubdtype(getattr(key, "dtype", np.int32), jax.dtypes.prng_key):
-      if jnp.shape(key) == ():
-        key = jax.random.key(key)
-      else:
-        key = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
-    return RandomKeyState(key=jax.random.key_data(key))
-
-  def split(self, state: RandomKeyState, num: int) -> tuple[RandomKeyState, jax.Array]:
-    """Advances the state and returns ``num`` fresh keys for this step."""
-    key = jax.random.wrap_key_data(state.key, impl=self.impl)
-    key, sub = jax.random.split(key)
-    return RandomKeyState(key=jax.random.key_data(key)), jax.random.split(sub, num)
-
-
-def _bad_key(caller: str, key: Any) -> str:
-  return (
-      f"`{caller}`: `key` must be a non-negative int seed or a JAX PRNG key"
-      " (`jax.random.key(seed)`, or a legacy uint32 key from"
-      f" `jax.random.PRNGKey`); got key={key!r}."
-  )
-
-
-_FILTER_AXES = {"last": -1, "first": 0}
-
-
-def _filter_scale(w: jax.Array, filter_axis: str) -> jax.Array:
-  """Per-element noise std divided by gamma: the norm of the element's filter."""
-  wide = w.astype(tree.wide_dtype(w.dtype))
-  if wide.ndim < 2:
-    return jnp.sqrt(jnp.sum(jnp.square(wide)))
-  axis = _FILTER_AXES[filter_axis] % wide.ndim
-  others = tuple(a for a in range(wide.ndim) if a != axis)
-  return jnp.sqrt(jnp.sum(jnp.square(wide), axis=others, keepdims=True))
 
 
 def rwp_noise(keys: jax.Array, params: Any, filter_axis: str = "last") -> Any:
@@ -104,13 +23,7 @@ def rwp_noise(keys: jax.Array, params: Any, filter_axis: str = "last") -> Any:
   Leaf ``i`` of ``params`` uses ``keys[i]``; the result is in at least
   float32. Multiply by ``gamma`` to get the perturbation.
   """
-  leaves, treedef = jax.tree.flatten(params)
-  noise = []
-  for k, w in zip(keys, leaves, strict=True):
-    wide = tree.wide_dtype(w.dtype)
-    z = jax.random.normal(k, jnp.shape(w), wide)
-    noise.append(z * _filter_scale(w, filter_axis))
-  return jax.tree.unflatten(treedef, noise)
+  return perturbations.gaussian_noise(keys, params, filter_axis)
 
 
 def rwp(
@@ -119,6 +32,10 @@ def rwp(
     *,
     key: KeyLike = 0,
     filter_axis: str = "last",
+    nonfinite: str = "fallback",
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    group_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Random weight perturbation: mix a gradient at noisy weights with the clean one.
 
@@ -148,6 +65,11 @@ def rwp(
   second pass (at trace time for a Python number, with ``jax.lax.cond``
   otherwise).
 
+  It is the composition :func:`sam_optax.sharpness_aware` ``(gamma,
+  perturbation=perturbations.random(key, filter_axis=filter_axis),
+  direction=directions.mix(alpha))``: either part combines with other parts
+  and policies.
+
   Cost: one extra forward/backward pass. The two gradients are independent;
   the paper computes them on two different mini-batches, in parallel. Here
   the clean gradient is the caller's; pass a ``loss_fn`` (or ``grad_fn``)
@@ -162,11 +84,14 @@ def rwp(
       ``uint32`` key) for the noise.
     filter_axis: ``"last"`` or ``"first"``: the axis that indexes filters in
       leaves with two or more dimensions.
+    nonfinite, axis_name, sync_perturbation, group_size: see
+      :func:`sam_optax.sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` takes
     ``loss_fn=`` or ``grad_fn=`` like :func:`sam_optax.sam`. Its state is a
-    :class:`~sam_optax.SAMState` whose ``variant`` is a :class:`RandomKeyState`.
+    :class:`~sam_optax.SAMState` whose ``variant.perturbation`` is a
+    :class:`RandomKeyState`.
 
   Raises:
     ValueError: if ``gamma`` is negative, ``alpha`` outside ``[0, 1]``,
@@ -196,34 +121,15 @@ def rwp(
   """
   validation.check_scalar("rwp", "gamma", gamma, low=0.0, allow_schedule=True)
   validation.check_scalar("rwp", "alpha", alpha, low=0.0, high=1.0)
-  if filter_axis not in _FILTER_AXES:
-    raise ValueError(
-        "`rwp`: `filter_axis` must be \"last\" (Flax layout, kernels"
-        " (..., in, out)) or \"first\" (PyTorch layout, (out, in, ...)); got"
-        f" filter_axis={filter_axis!r}."
-    )
-  prng = PRNG.of("rwp", key)
-
-  def init(params: Any) -> RandomKeyState:
-    del params
-    return prng.init()
-
-  def direction(grads: Any, params: Any, state: RandomKeyState, count: Any):
-    del grads, count
-    state, keys = prng.split(state, len(jax.tree.leaves(params)))
-    return rwp_noise(keys, params, filter_axis), state
-
-  def combine(g: Any, g_p: Any, params: Any, state: RandomKeyState):
-    del params
-
-    def mix(clean, perturbed):
-      wide = jnp.promote_types(tree.wide_dtype(clean.dtype), perturbed.dtype)
-      a = jnp.asarray(alpha).astype(wide)
-      return a * perturbed.astype(wide) + (1 - a) * clean.astype(wide)
-
-    return jax.tree.map(mix, g, g_p), state
-
-  return builder.build(
-      "rwp", gamma, builder.Rule(init=init, direction=direction, combine=combine)
+  perturbations.check_filter_axis("rwp", filter_axis)
+  PRNG.of("rwp", key)  # a bad key is reported under this name
+  return sharpness_aware(
+      gamma,
+      perturbation=perturbations.random(key, filter_axis=filter_axis),
+      direction=directions.mix(alpha),
+      nonfinite=nonfinite,
+      axis_name=axis_name,
+      sync_perturbation=sync_perturbation,
+      group_size=group_size,
+      name="rwp",
   )
-

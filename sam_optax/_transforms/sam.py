@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import optax
 
 from sam_optax._core import tree
 from sam_optax._core.builder import SAMState, ScalarOrSchedule
+from sam_optax._core.collectives import AxisName
 from sam_optax._parts import perturbations
 from sam_optax._parts.compose import sharpness_aware
 
@@ -25,6 +26,10 @@ def sam(
     eps: float = 1e-12,
     num_ascent_steps: int = 1,
     renormalize: bool = False,
+    nonfinite: str = "fallback",
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    group_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Minimization: the gradient at the worst nearby point.
 
@@ -41,8 +46,9 @@ def sam(
   taken over all leaves together, accumulated in at least float32. A zero
   gradient gives a zero perturbation (never NaN).
 
-  ``update(grads, state, params, *, loss_fn=None, grad_fn=None)`` receives the
-  clean gradient :math:`g` at ``params`` and needs one of
+  ``update(grads, state, params, *, loss_fn=None, grad_fn=None,
+  loss_scale=None)`` receives the clean gradient :math:`g` at ``params`` and
+  needs one of
 
   * ``loss_fn``: ``params -> loss`` or ``params -> (loss, aux)``. ``aux`` is
     discarded, which is how BatchNorm statistics of the perturbed pass are
@@ -56,6 +62,13 @@ def sam(
   trace time; a traced or scheduled ``rho`` uses ``jax.lax.cond``, which runs
   only the branch taken (under ``jax.vmap`` both branches run and one is
   selected; nothing is blended arithmetically).
+
+  **Loss scaling.** ``loss_scale``, an optional extra argument of
+  ``update``, is the factor by
+  which the loss was multiplied (fp16/bf16 loss scaling), so ``grads`` and
+  the gradients of ``loss_fn``/``grad_fn`` arrive scaled. They are divided by
+  it before the perturbation is built, and the returned gradient is
+  unscaled.
 
   **Position in a chain.** Transformations placed *before* ``sam`` change
   only the clean gradient and hence :math:`\hat\epsilon`; the gradient that
@@ -89,6 +102,30 @@ def sam(
       the clean gradient, :math:`u \leftarrow u \, \|g\| / \|u\|`
       (StableSAM). SAM's gradient can be much longer than the clean one,
       which destabilizes training at learning rates where SGD is stable.
+    nonfinite: what happens when the perturbed gradient is not finite (NaN
+      or Inf) while the clean one is: ``"fallback"`` (default) hands on the
+      clean gradient for that step and counts it in
+      ``SAMState.nonfinite_count``; ``"propagate"`` hands on the non-finite
+      gradient, for ``optax.apply_if_finite`` to skip the whole step. A
+      non-finite *clean* gradient is always handed on unchanged, without
+      the perturbed pass and without touching the variant's state, so that
+      ``optax.apply_if_finite`` around the chain skips and counts the step.
+    axis_name: the name of the mapped axis (``jax.shard_map``, ``jax.pmap``
+      or ``jax.vmap``) over which the batch is split, or a tuple of names.
+      Each member passes its own *local* clean gradient; the perturbation
+      is built from it (per-device SAM, the m-sharpness of the paper) and
+      the returned gradient is averaged over the axis, so every member
+      applies the same update. Under ``shard_map`` with ``check_vma=True``
+      take the clean gradient with respect to
+      ``jax.lax.pcast(params, axis_name, to="varying")``; a gradient that
+      is already summed over the axis is rejected.
+    sync_perturbation: with ``axis_name``, average the clean gradient over
+      the axis before building the perturbation (one perturbation for the
+      whole batch).
+    group_size: with ``axis_name`` (a single name), average the clean
+      gradient over groups of ``group_size`` consecutive members: ``m``
+      between per-device (1) and synchronized (the axis size). Must divide
+      the axis size.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -134,5 +171,9 @@ def sam(
       eps=eps,
       num_ascent_steps=num_ascent_steps,
       renormalize=renormalize,
+      nonfinite=nonfinite,
+      axis_name=axis_name,
+      sync_perturbation=sync_perturbation,
+      group_size=group_size,
       name="sam",
   )

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import optax
 
 from sam_optax._core import masking
 from sam_optax._core.builder import ScalarOrSchedule
+from sam_optax._core.collectives import AxisName
 from sam_optax._transforms.masked_sam import _build_masked
 
 __all__ = ("normalization_mask", "sam_on")
@@ -100,6 +101,10 @@ def sam_on(
     eps: float = 1e-12,
     num_ascent_steps: int = 1,
     renormalize: bool = False,
+    nonfinite: str = "fallback",
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    group_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SAM-ON: perturb only the normalization layers (SAM-OnlyNorm).
 
@@ -134,6 +139,8 @@ def sam_on(
     eps: added to the norm.
     num_ascent_steps: see :func:`sam_optax.sam`.
     renormalize: see :func:`sam_optax.sam`.
+    nonfinite, axis_name, sync_perturbation, group_size: see
+      :func:`sam_optax.sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (``update`` takes
@@ -171,4 +178,8 @@ def sam_on(
       num_ascent_steps,
       renormalize,
       hint=_HINT,
+      nonfinite=nonfinite,
+      axis_name=axis_name,
+      sync_perturbation=sync_perturbation,
+      group_size=group_size,
   )

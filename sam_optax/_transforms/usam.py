@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import optax
 
 from sam_optax._core.builder import ScalarOrSchedule
+from sam_optax._core.collectives import AxisName
 from sam_optax._parts import perturbations
 from sam_optax._parts.compose import sharpness_aware
 
@@ -16,6 +19,10 @@ def usam(
     *,
     num_ascent_steps: int = 1,
     renormalize: bool = False,
+    nonfinite: str = "fallback",
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    group_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Unnormalized SAM: the perturbation is the raw gradient step.
 
@@ -31,6 +38,8 @@ def usam(
     rho: ascent step size (a number or a schedule of the step count).
     num_ascent_steps: number of ascent steps of size ``rho / n`` each.
     renormalize: see :func:`sam_optax.sam`.
+    nonfinite, axis_name, sync_perturbation, group_size: see
+      :func:`sam_optax.sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (``update`` takes
@@ -56,5 +65,9 @@ def usam(
       perturbation=perturbations.unnormalized(),
       num_ascent_steps=num_ascent_steps,
       renormalize=renormalize,
+      nonfinite=nonfinite,
+      axis_name=axis_name,
+      sync_perturbation=sync_perturbation,
+      group_size=group_size,
       name="usam",
   )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import optax
 
 from sam_optax._core.builder import ScalarOrSchedule
+from sam_optax._core.collectives import AxisName
 from sam_optax._parts import perturbations
 from sam_optax._parts.compose import sharpness_aware
 from sam_optax._parts.perturbations import VaSSOState
@@ -19,6 +22,10 @@ def vasso(
     eps: float = 1e-12,
     num_ascent_steps: int = 1,
     renormalize: bool = False,
+    nonfinite: str = "fallback",
+    axis_name: Optional[AxisName] = None,
+    sync_perturbation: bool = False,
+    group_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""VaSSO: perturb along a moving average of the gradient.
 
@@ -50,6 +57,8 @@ def vasso(
       the intermediate point; :math:`d` itself is updated once per step, with
       the clean gradient.
     renormalize: see :func:`sam_optax.sam`.
+    nonfinite, axis_name, sync_perturbation, group_size: see
+      :func:`sam_optax.sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (``update`` takes
@@ -84,5 +93,9 @@ def vasso(
       eps=eps,
       num_ascent_steps=num_ascent_steps,
       renormalize=renormalize,
+      nonfinite=nonfinite,
+      axis_name=axis_name,
+      sync_perturbation=sync_perturbation,
+      group_size=group_size,
       name="vasso",
   )

@@ -1,0 +1,89 @@
+"""One process of the two-process SAM run in ``tests/test_multihost.py``.
+
+``python -m tests.multihost_worker PROCESS_ID PORT OUT_DIR MODE`` joins a
+two-process JAX runtime on 127.0.0.1 (CPU collectives through gloo, 4 CPU
+devices per process), runs three SAM steps on the global 8-device mesh and
+writes the final parameters to ``OUT_DIR/params_<PROCESS_ID>.npy``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+
+DEVICES_PER_PROCESS = 4
+
+
+def run_steps(mode: str, steps: int = 3):
+  """Three steps of ``chain(sam(axis_name='batch'), sgd)`` on the global mesh.
+
+  Also used by the test in a single process (8 local devices) as the
+  reference computation.
+  """
+  import numpy as np
+  import optax
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  import sam_optax
+  from tests import problems
+
+  mesh = jax.make_mesh(
+      (jax.device_count(),), ("batch",),
+      axis_types=(jax.sharding.AxisType.Auto,),
+  )
+  params = problems.mlp_params(0)
+  x, y = (np.asarray(a) for a in problems.mlp_batch(seed=3, n=32))
+  sharded = NamedSharding(mesh, P("batch"))
+  xs = jax.make_array_from_callback(x.shape, sharded, lambda i: x[i])
+  ys = jax.make_array_from_callback(y.shape, sharded, lambda i: y[i])
+  tx = optax.chain(
+      sam_optax.sam(0.3, axis_name="batch", sync_perturbation=mode == "sync"),
+      optax.sgd(0.1, momentum=0.9),
+  )
+
+  def local(params, state, x, y):
+    loss_fn = lambda p: problems.mlp_loss(p, (x, y))  # noqa: E731
+    grads = jax.grad(loss_fn)(jax.lax.pcast(params, "batch", to="varying"))
+    updates, state = tx.update(grads, state, params, loss_fn=loss_fn)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(
+      jax.shard_map(
+          local,
+          mesh=mesh,
+          in_specs=(P(), P(), P("batch"), P("batch")),
+          out_specs=(P(), P()),
+      )
+  )
+  replicated = NamedSharding(mesh, P())
+  params = jax.device_put(params, replicated)
+  state = jax.device_put(tx.init(params), replicated)
+  for _ in range(steps):
+    params, state = step(params, state, xs, ys)
+  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), params)
+
+
+def main(argv: list[str]) -> None:
+  process_id, port, out_dir, mode = int(argv[0]), int(argv[1]), argv[2], argv[3]
+  jax.config.update("jax_num_cpu_devices", DEVICES_PER_PROCESS)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+      coordinator_address=f"127.0.0.1:{port}",
+      num_processes=2,
+      process_id=process_id,
+      initialization_timeout=60,
+  )
+  assert jax.process_count() == 2, jax.process_count()
+  assert jax.device_count() == 2 * DEVICES_PER_PROCESS, jax.device_count()
+  import numpy as np
+  from jax.flatten_util import ravel_pytree
+
+  params = run_steps(mode)
+  np.save(f"{out_dir}/params_{process_id}.npy", np.asarray(ravel_pytree(params)[0]))
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
