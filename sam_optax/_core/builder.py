@@ -203,8 +203,7 @@ def build(
         offset = jax.lax.fori_loop(0, num_ascent_steps - 1, ascend, offset)
       g_adv, loss = oracle(tree.add_scaled(params, offset, one))
       adv_finite = jnp.isfinite(tree.global_norm(g_adv))
-      if nonfinite == "propagate":
-        adv_finite = jnp.ones((), jnp.bool_)
+      bad = jnp.where(adv_finite, 0 * one, one)
 
       def combine(variant):
         out, variant = rule.combine(g, g_adv, params, variant)
@@ -216,6 +215,15 @@ def build(
       def keep_clean(variant):
         return g, variant
 
+      if nonfinite == "propagate":  # hand it on, but keep the state clean
+        out, new_variant = combine(variant)
+        variant = jax.lax.cond(
+            adv_finite,
+            lambda: axis.to_varying(new_variant),
+            lambda: axis.to_varying(variant),
+        )
+        return out, loss, variant, one, bad
+
       out, variant = jax.lax.cond(
           adv_finite,
           lambda v: axis.to_varying(combine(v)),
@@ -223,14 +231,14 @@ def build(
           axis.to_varying(variant),
       )
       took = jnp.where(adv_finite, one, 0 * one)
-      return out, jnp.where(adv_finite, loss, zero_loss), variant, took
+      return out, jnp.where(adv_finite, loss, zero_loss), variant, took, bad
 
     def skipped(variant):
       out, variant = rule.fallback(g, params, variant)
-      return tree.cast_like(out, updates), zero_loss, variant, 0 * one
+      return tree.cast_like(out, updates), zero_loss, variant, 0 * one, 0 * one
 
     def clean(variant):
-      return g, zero_loss, variant, 0 * one
+      return g, zero_loss, variant, 0 * one, 0 * one
 
     if rule.gate is None:
       take = None
@@ -239,14 +247,12 @@ def build(
       if axis.active:
         take = axis.any(take)
     if static_rho == 0.0:
-      index = 0
-      out, loss, variant, took = clean(variant)
+      out, loss, variant, took, bad = clean(variant)
     elif static_rho is not None and take is None:
       # The pass always runs: no conditional around the user's closure.
-      index = jnp.where(finite, 2, 0)
-      out, loss, variant, took = perturbed(variant, finite)
+      out, loss, variant, took, bad = perturbed(variant, finite)
       out = jax.tree.map(lambda o, c: jnp.where(finite, o, c), out, g)
-      loss, took = loss * finite, took * finite
+      loss, took, bad = loss * finite, took * finite, bad * finite
     else:
       positive = finite if static_rho is not None else finite & (rho_t > 0)
       index = jnp.where(
@@ -255,7 +261,7 @@ def build(
       branches = tuple(
           lambda v, f=f: axis.to_varying(f(v)) for f in (clean, skipped, perturbed)
       )
-      out, loss, variant, took = jax.lax.switch(
+      out, loss, variant, took, bad = jax.lax.switch(
           index, branches, axis.to_varying(variant)
       )
     # Where the clean gradient is not finite it is handed on unchanged (the
@@ -267,7 +273,6 @@ def build(
           lambda: axis.to_varying(state.variant),
       )
     out = axis.mean(out) if axis.active else out
-    skipped_nonfinite = (index == 2) & (took == 0)
     stats = SAMStats.of(
         grad_norm=grad_norm,
         perturbed_grad_norm=tree.global_norm(out),
@@ -275,9 +280,7 @@ def build(
         rho=rho_t,
         pass_taken=took,
     )
-    nonfinite_count = state.nonfinite_count + skipped_nonfinite.astype(
-        jnp.int32
-    )
+    nonfinite_count = state.nonfinite_count + bad.astype(jnp.int32)
     if axis.active:
       stats = axis.mean(stats)
       variant = axis.agree(variant)

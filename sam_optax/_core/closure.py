@@ -12,6 +12,10 @@ its ``updates`` argument and, as a keyword-only extra argument, one of
 
 :func:`gradient_oracle` turns whichever was given into a single function
 ``params -> (grads, loss)`` and produces the error messages for misuse.
+:func:`check_same_tree` checks every gradient against the parameters: the
+same structure and shapes, and floating-point leaves only (integer and
+boolean parameters, and their ``float0`` gradients, are rejected with the
+fix in the message).
 """
 
 from __future__ import annotations
@@ -125,22 +129,73 @@ def scalar_loss_fn(caller: str, loss_fn: Callable[..., Any]) -> Callable[..., An
   return lambda p: scalar_loss(caller, loss_fn(p))
 
 
+def _dtype(x: Any) -> Any:
+  """The dtype of a leaf; ``float0`` (which JAX cannot promote) included."""
+  dtype = getattr(x, "dtype", None)
+  return jnp.result_type(x) if dtype is None else dtype
+
+
 def _describe(tree: PyTree) -> str:
-  shapes = jax.tree.map(lambda x: f"{jnp.shape(x)} {jnp.result_type(x)}", tree)
+  shapes = jax.tree.map(lambda x: f"{jnp.shape(x)} {_dtype(x)}", tree)
   text = str(shapes)
   return text if len(text) <= 600 else text[:600] + " ..."
+
+
+_NOT_FLOATING = (
+    "Sharpness-aware transforms perturb and differentiate floating-point"
+    " parameters only. Keep integer and boolean state (step counters, masks,"
+    " indices) out of the optimized parameters, for example in a separate"
+    " collection that `loss_fn` closes over, or apply the transform to the"
+    " floating-point leaves only:\n\n"
+    "    mask = jax.tree.map(lambda x: jnp.issubdtype(x.dtype, jnp.inexact),"
+    " params)\n"
+    "    tx = optax.masked(tx, mask)\n\n"
+    "`optax.masked` then hands `loss_fn`/`grad_fn` the masked tree (with"
+    " `optax.MaskedNode()` in place of the other leaves): put those leaves"
+    " back inside the closure before evaluating the loss."
+)
+
+
+def check_floating(caller: str, tree: PyTree, tree_name: str) -> None:
+  """Raises ``ValueError`` naming the first leaf of ``tree`` that is not floating.
+
+  Integer and boolean leaves, and the ``float0`` gradients that
+  ``jax.grad(..., allow_int=True)`` returns for them, cannot be perturbed.
+  Complex leaves are accepted.
+  """
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    dtype = _dtype(x)
+    if dtype == jax.dtypes.float0:
+      what = (
+          "a float0 leaf (the gradient `jax.grad(..., allow_int=True)`"
+          " gives an integer parameter)"
+      )
+    elif jnp.issubdtype(dtype, jnp.inexact):
+      continue
+    else:
+      what = f"a leaf of dtype {dtype}"
+    raise ValueError(
+        f"`{caller}`: {tree_name} has {what} at"
+        f" {jax.tree_util.keystr(path)!r}.\n{_NOT_FLOATING}"
+    )
 
 
 def check_same_tree(
     caller: str, tree: PyTree, ref: PyTree, tree_name: str, ref_name: str
 ) -> None:
-  """Raises ``ValueError`` unless ``tree`` has the structure and shapes of ``ref``."""
+  """Raises ``ValueError`` unless ``tree`` has the structure and shapes of ``ref``.
+
+  Both must have floating-point (or complex) leaves only, see
+  :func:`check_floating`; ``ref`` (the parameters) is checked first.
+  """
   if jax.tree.structure(tree) != jax.tree.structure(ref):
     raise ValueError(
         f"`{caller}`: {tree_name} does not have the tree structure of"
         f" `{ref_name}`.\n  {tree_name}: {_describe(tree)}\n  {ref_name}:"
         f" {_describe(ref)}"
     )
+  check_floating(caller, ref, f"`{ref_name}`")
+  check_floating(caller, tree, tree_name)
   with_path = jax.tree_util.tree_flatten_with_path(tree)[0]
   for (path, a), b in zip(with_path, jax.tree.leaves(ref)):
     if jnp.shape(a) != jnp.shape(b):

@@ -106,10 +106,13 @@ def sam(
       or Inf) while the clean one is: ``"fallback"`` (default) hands on the
       clean gradient for that step and counts it in
       ``SAMState.nonfinite_count``; ``"propagate"`` hands on the non-finite
-      gradient, for ``optax.apply_if_finite`` to skip the whole step. A
-      non-finite *clean* gradient is always handed on unchanged, without
-      the perturbed pass and without touching the variant's state, so that
-      ``optax.apply_if_finite`` around the chain skips and counts the step.
+      gradient (also counted; the variant's state keeps its last finite
+      value), for ``optax.apply_if_finite`` placed *after* this transform to
+      skip: ``chain(sam(rho, nonfinite="propagate"), apply_if_finite(base,
+      n))``. A non-finite *clean* gradient is always handed on unchanged,
+      without the perturbed pass and without touching the variant's state,
+      so that ``optax.apply_if_finite`` around the chain skips and counts
+      the step.
     axis_name: the name of the mapped axis (``jax.shard_map``, ``jax.pmap``
       or ``jax.vmap``) over which the batch is split, or a tuple of names.
       Each member passes its own *local* clean gradient; the perturbation
