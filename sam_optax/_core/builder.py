@@ -222,7 +222,7 @@ def build(
             lambda: axis.to_varying(new_variant),
             lambda: axis.to_varying(variant),
         )
-        return out, loss, variant, one, bad
+        return out, loss, variant, one, bad, tree.global_norm(out)
 
       out, variant = jax.lax.cond(
           adv_finite,
@@ -231,14 +231,16 @@ def build(
           axis.to_varying(variant),
       )
       took = jnp.where(adv_finite, one, 0 * one)
-      return out, jnp.where(adv_finite, loss, zero_loss), variant, took, bad
+      loss = jnp.where(adv_finite, loss, zero_loss)
+      return out, loss, variant, took, bad, tree.global_norm(out)
 
     def skipped(variant):
       out, variant = rule.fallback(g, params, variant)
-      return tree.cast_like(out, updates), zero_loss, variant, 0 * one, 0 * one
+      out = tree.cast_like(out, updates)
+      return out, zero_loss, variant, 0 * one, 0 * one, tree.global_norm(out)
 
     def clean(variant):
-      return g, zero_loss, variant, 0 * one, 0 * one
+      return g, zero_loss, variant, 0 * one, 0 * one, grad_norm
 
     if rule.gate is None:
       take = None
@@ -247,12 +249,14 @@ def build(
       if axis.active:
         take = axis.any(take)
     if static_rho == 0.0:
-      out, loss, variant, took, bad = clean(variant)
+      out, loss, variant, took, bad, out_norm = clean(variant)
     elif static_rho is not None and take is None:
       # The pass always runs: no conditional around the user's closure.
-      out, loss, variant, took, bad = perturbed(variant, finite)
-      out = jax.tree.map(lambda o, c: jnp.where(finite, o, c), out, g)
+      out, loss, variant, took, bad, out_norm = perturbed(variant, finite)
+      # Non-finite g: NaN out (not g itself, which would stay alive).
+      out = jax.tree.map(lambda o: jnp.where(finite, o, jnp.nan), out)
       loss, took, bad = loss * finite, took * finite, bad * finite
+      out_norm = jnp.where(finite, out_norm, jnp.nan)
     else:
       positive = finite if static_rho is not None else finite & (rho_t > 0)
       index = jnp.where(
@@ -261,7 +265,7 @@ def build(
       branches = tuple(
           lambda v, f=f: axis.to_varying(f(v)) for f in (clean, skipped, perturbed)
       )
-      out, loss, variant, took, bad = jax.lax.switch(
+      out, loss, variant, took, bad, out_norm = jax.lax.switch(
           index, branches, axis.to_varying(variant)
       )
     # Where the clean gradient is not finite it is handed on unchanged (the
@@ -275,7 +279,7 @@ def build(
     out = axis.mean(out) if axis.active else out
     stats = SAMStats.of(
         grad_norm=grad_norm,
-        perturbed_grad_norm=tree.global_norm(out),
+        perturbed_grad_norm=out_norm,
         perturbed_loss=loss,
         rho=rho_t,
         pass_taken=took,
