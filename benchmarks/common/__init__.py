@@ -8,4 +8,9 @@
   and a trainer that runs every seed x hyperparameter combination as one
   vmapped, jitted computation.
 * :mod:`.measure`: wall-clock timing of single steps and XLA FLOP counts.
+* :mod:`.zoo`: the MLP, BatchNorm ResNet and Transformer of ``overhead.py``.
+* :mod:`.cnn`, :mod:`.sweep`, :mod:`.noise`, :mod:`.stats`: the CNNs (a
+  convolution as strided slices and one matmul), the sequential training
+  sweep with collapse detection, label noise and paired statistics of
+  ``generalization.py``.
 """

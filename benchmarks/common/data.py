@@ -1,4 +1,4 @@
-"""MNIST-1D, generated locally, with a validation split and optional label noise."""
+"""MNIST-1D (generated locally) and scikit-learn digits, with validation splits and label noise."""
 
 from __future__ import annotations
 

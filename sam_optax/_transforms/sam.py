@@ -109,8 +109,10 @@ def sam(
       gradient (also counted; the variant's state keeps its last finite
       value), for ``optax.apply_if_finite`` placed *after* this transform to
       skip: ``chain(sam(rho, nonfinite="propagate"), apply_if_finite(base,
-      n))``. A non-finite *clean* gradient is always handed on unchanged,
-      without the perturbed pass and without touching the variant's state,
+      n))``. A non-finite *clean* gradient is always handed on non-finite
+      (unchanged, or as NaN when ``rho`` is a Python number), without a
+      perturbed pass at a non-finite point and without touching the
+      variant's state,
       so that ``optax.apply_if_finite`` around the chain skips and counts
       the step.
     axis_name: the name of the mapped axis (``jax.shard_map``, ``jax.pmap``
