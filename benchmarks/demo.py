@@ -40,6 +40,7 @@ if str(_ROOT) not in sys.path:
 
 from benchmarks.common import data as data_lib  # noqa: E402
 from benchmarks.common import measure, models  # noqa: E402
+from benchmarks.common.stats import mean_std, paired  # noqa: E402
 from benchmarks.common.train import (  # noqa: E402
     GridResult,
     HParams,
@@ -114,12 +115,6 @@ def grid_configs(grid: dict[str, tuple[float, ...]], with_rho: bool) -> list[HPa
 
 # ---------------------------------------------------------------------------
 # Statistics and formatting.
-
-
-def mean_std(x: np.ndarray) -> tuple[float, float]:
-  """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
-  x = np.asarray(x, np.float64)
-  return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0
 
 
 def pct(x: np.ndarray) -> str:
@@ -224,20 +219,6 @@ def vmapped_ms_per_run_step(result: GridResult) -> float:
   """
   epoch_s = result.epoch_s[1:] if len(result.epoch_s) > 1 else result.epoch_s
   return float(np.median(epoch_s)) * 1e3 / (result.num_runs * result.steps_per_epoch)
-
-
-def paired(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
-  """Per-seed difference ``a - b`` with its mean, std and win/tie counts."""
-  diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-  m, s = mean_std(diff)
-  return {
-      "per_seed": diff.tolist(),
-      "mean": m,
-      "std": s,
-      "wins": int(np.sum(diff > 0)),
-      "ties": int(np.sum(diff == 0)),
-      "n": int(diff.size),
-  }
 
 
 # ---------------------------------------------------------------------------

@@ -59,6 +59,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:
   sys.path.insert(0, str(_ROOT))
 
+from benchmarks.common import readme as readme_lib
 from benchmarks.common import cnn, measure, models, noise, stats, sweep
 from benchmarks.common import data as data_lib
 from benchmarks.common.train import make_train_step
@@ -922,13 +923,7 @@ def readme_region(result: dict[str, Any]) -> str:
 
 
 def write_readme(readme: Path, result: dict[str, Any]) -> None:
-  """Replaces the text between the generalization markers of ``readme``."""
-  text = readme.read_text()
-  if text.count(START) != 1 or text.count(END) != 1:
-    raise ValueError(f"{readme} needs exactly one {START} ... {END} block.")
-  head, rest = text.split(START, 1)
-  _, tail = rest.split(END, 1)
-  readme.write_text(head + START + "\n" + readme_region(result) + "\n" + END + tail)
+  readme_lib.replace_region(readme, START, END, readme_region(result))
 
 
 def plot_compute(result: dict[str, Any], path: Path) -> None:

@@ -73,6 +73,7 @@ if str(_ROOT) not in sys.path:
 
 import sam_optax
 from benchmarks import variant_cost
+from benchmarks.common import readme as readme_lib
 from benchmarks.common import measure, zoo
 
 START, END = "<!-- overhead:start -->", "<!-- overhead:end -->"
@@ -697,11 +698,12 @@ def _limits_text(result: dict[str, Any]) -> str:
     if peer is not None:
       line += f", `optax.contrib.sam` {peer['extra_temp_over_param_bytes']:+.2f} P"
     line += (
-        ". `sam` keeps the clean gradient g alive through the second pass"
-        " because its non-finite guards may return it: a non-finite g is"
-        " handed on unchanged, and with the default `nonfinite='fallback'` a"
-        " non-finite perturbed gradient falls back to g. XLA reuses the"
-        " buffers of everything else, w + ε included."
+        ". With the default `nonfinite='fallback'`, `sam` keeps the clean"
+        " gradient g alive through the second pass, since a non-finite"
+        " perturbed gradient falls back to it; with"
+        " `nonfinite='propagate'` nothing is kept and the step needs what"
+        " `optax.contrib.sam` needs. XLA reuses the buffers of everything"
+        " else, w + ε included."
     )
     lines.append(line)
     break  # one model states the mechanism; the table has the others
@@ -749,13 +751,7 @@ def _limits_text(result: dict[str, Any]) -> str:
 
 
 def write_readme(readme: Path, result: dict[str, Any]) -> None:
-  """Replaces the text between the overhead markers of ``readme``."""
-  text = readme.read_text()
-  if START not in text or END not in text:
-    raise ValueError(f"{readme} has no {START} ... {END} block")
-  head, rest = text.split(START, 1)
-  _, tail = rest.split(END, 1)
-  readme.write_text(head + START + "\n" + report(result) + "\n" + END + tail)
+  readme_lib.replace_region(readme, START, END, report(result))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -31,6 +31,8 @@ _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:
   sys.path.insert(0, str(_ROOT))
 
+from benchmarks.common import readme as readme_lib  # noqa: E402
+
 START, END = "<!-- sharded:start -->", "<!-- sharded:end -->"
 _BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1, "s8": 1, "u8": 1}
 _COLLECTIVES = ("all-reduce", "collective-permute", "all-gather", "reduce-scatter", "all-to-all")
@@ -172,12 +174,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def write_readme(readme: Path, result: dict[str, Any]) -> None:
-  text = readme.read_text()
-  if START not in text or END not in text:
-    raise ValueError(f"{readme} has no {START} ... {END} block")
-  head, rest = text.split(START, 1)
-  _, tail = rest.split(END, 1)
-  readme.write_text(head + START + "\n" + table(result) + "\n" + END + tail)
+  readme_lib.replace_region(readme, START, END, table(result))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:

@@ -34,6 +34,7 @@ if str(_ROOT) not in sys.path:
   sys.path.insert(0, str(_ROOT))
 
 import sam_optax  # noqa: E402
+from benchmarks.common import readme as readme_lib  # noqa: E402
 from benchmarks.common import measure, models  # noqa: E402
 
 BATCH = 128
@@ -168,12 +169,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def write_readme(readme: Path, result: dict[str, Any]) -> None:
-  text = readme.read_text()
-  if START not in text or END not in text:
-    raise ValueError(f"{readme} has no {START} ... {END} block")
-  head, rest = text.split(START, 1)
-  _, tail = rest.split(END, 1)
-  readme.write_text(head + START + "\n" + table(result) + "\n" + END + tail)
+  readme_lib.replace_region(readme, START, END, table(result))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:

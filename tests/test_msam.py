@@ -308,3 +308,37 @@ def test_unperturbed_needs_an_msam_state():
   chained = optax.chain(tx, tx)
   with pytest.raises(ValueError, match=r"contains 2"):
     sam_optax.msam_unperturbed(params, chained.init(params))
+
+
+def test_nonfinite_gradient_is_skipped_by_apply_if_finite():
+  """MSAM has one gradient: a non-finite one is skipped by apply_if_finite.
+
+  Reference: the same run without the bad step.
+  """
+  loss_fn = lambda w: 0.5 * jnp.sum(jnp.array([1.0, 3.0]) * w ** 2)  # noqa: E731
+  tx = optax.apply_if_finite(
+      sam_optax.msam(optax.sgd(0.1, momentum=0.9), rho=0.3),
+      max_consecutive_errors=3,
+  )
+
+  def run(bad_at):
+    params, state = jnp.array([1.0, -2.0]), tx.init(jnp.array([1.0, -2.0]))
+    for t in range(4):
+      g = jax.grad(loss_fn)(params)
+      if t == bad_at:
+        g = g.at[0].set(jnp.nan)
+      updates, state = tx.update(g, state, params, loss_fn=loss_fn)
+      params = optax.apply_updates(params, updates)
+      if t == bad_at:
+        assert int(state.notfinite_count) == 1
+    return params
+
+  with_bad = run(bad_at=1)
+  assert bool(jnp.all(jnp.isfinite(with_bad)))
+  # Skipping step 1 leaves the same state as never seeing it: 3 good steps.
+  params, state = jnp.array([1.0, -2.0]), tx.init(jnp.array([1.0, -2.0]))
+  for _ in range(3):
+    g = jax.grad(loss_fn)(params)
+    updates, state = tx.update(g, state, params, loss_fn=loss_fn)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(with_bad, params, rtol=1e-6)
