@@ -53,6 +53,31 @@ def symmetric_label_noise(
   return np.where(flip, (labels + offset) % num_classes, labels).astype(labels.dtype)
 
 
+def _with_noise(
+    x_train, x_val, x_test, y_train_clean, y_val_clean, y_test,
+    num_classes, label_noise, noise_on_val, noise_seed,
+) -> Dataset:
+  """A :class:`Dataset` whose train (and optionally val) labels get noise."""
+  rng = np.random.default_rng(noise_seed)
+  y_train = symmetric_label_noise(y_train_clean, label_noise, num_classes, rng)
+  y_val = (
+      symmetric_label_noise(y_val_clean, label_noise, num_classes, rng)
+      if noise_on_val
+      else y_val_clean.copy()
+  )
+  return Dataset(
+      x_train=x_train.astype(np.float32),
+      y_train=y_train,
+      x_val=x_val.astype(np.float32),
+      y_val=y_val,
+      x_test=x_test.astype(np.float32),
+      y_test=y_test,
+      y_train_clean=y_train_clean,
+      y_val_clean=y_val_clean,
+      num_classes=num_classes,
+  )
+
+
 def load_mnist1d(
     n_val: int = 500,
     *,
@@ -99,23 +124,9 @@ def load_mnist1d(
     mean, std = x_train.mean(), x_train.std()
     x_train, x_val, x_test = ((x - mean) / std for x in (x_train, x_val, x_test))
 
-  rng = np.random.default_rng(noise_seed)
-  y_train = symmetric_label_noise(y_train_clean, label_noise, num_classes, rng)
-  y_val = (
-      symmetric_label_noise(y_val_clean, label_noise, num_classes, rng)
-      if noise_on_val
-      else y_val_clean.copy()
-  )
-  return Dataset(
-      x_train=x_train.astype(np.float32),
-      y_train=y_train,
-      x_val=x_val.astype(np.float32),
-      y_val=y_val,
-      x_test=x_test.astype(np.float32),
-      y_test=y_test,
-      y_train_clean=y_train_clean,
-      y_val_clean=y_val_clean,
-      num_classes=num_classes,
+  return _with_noise(
+      x_train, x_val, x_test, y_train_clean, y_val_clean, y_test,
+      num_classes, label_noise, noise_on_val, noise_seed,
   )
 
 
@@ -165,21 +176,7 @@ def load_digits(
     std = np.where(std > 0, std, 1.0)
     x_train, x_val, x_test = ((x - mean) / std for x in (x_train, x_val, x_test))
 
-  rng = np.random.default_rng(noise_seed)
-  y_train = symmetric_label_noise(y_train_clean, label_noise, num_classes, rng)
-  y_val = (
-      symmetric_label_noise(y_val_clean, label_noise, num_classes, rng)
-      if noise_on_val
-      else y_val_clean.copy()
-  )
-  return Dataset(
-      x_train=x_train.astype(np.float32),
-      y_train=y_train,
-      x_val=x_val.astype(np.float32),
-      y_val=y_val,
-      x_test=x_test.astype(np.float32),
-      y_test=y_test,
-      y_train_clean=y_train_clean,
-      y_val_clean=y_val_clean,
-      num_classes=num_classes,
+  return _with_noise(
+      x_train, x_val, x_test, y_train_clean, y_val_clean, y_test,
+      num_classes, label_noise, noise_on_val, noise_seed,
   )
