@@ -202,37 +202,33 @@ def build(
 
         offset = jax.lax.fori_loop(0, num_ascent_steps - 1, ascend, offset)
       g_adv, loss = oracle(tree.add_scaled(params, offset, one))
-      adv_finite = jnp.isfinite(tree.global_norm(g_adv))
-      bad = jnp.where(adv_finite, 0 * one, one)
-
-      def combine(variant):
-        out, variant = rule.combine(g, g_adv, params, variant)
-        if renormalize:  # the other branches keep the clean norm already
-          ratio = grad_norm / jnp.maximum(tree.global_norm(out), eps)
-          out = tree.scale_wide(out, ratio)
-        return tree.cast_like(out, updates), variant
-
-      def keep_clean(variant):
-        return g, variant
-
-      if nonfinite == "propagate":  # hand it on, but keep the state clean
-        out, new_variant = combine(variant)
-        variant = jax.lax.cond(
-            adv_finite,
-            lambda: axis.to_varying(new_variant),
-            lambda: axis.to_varying(variant),
-        )
-        return out, loss, variant, one, bad, tree.global_norm(out)
-
-      out, variant = jax.lax.cond(
-          adv_finite,
-          lambda v: axis.to_varying(combine(v)),
-          lambda v: axis.to_varying(keep_clean(v)),
-          axis.to_varying(variant),
+      out, new_variant = rule.combine(g, g_adv, params, variant)
+      # One norm of the output serves the stats, the renormalization and
+      # the finiteness check (with g finite, out is finite iff g_adv is).
+      out_norm = tree.global_norm(out)
+      if renormalize:  # the other branches keep the clean norm already
+        ratio = grad_norm / jnp.maximum(out_norm, eps)
+        out, out_norm = tree.scale_wide(out, ratio), out_norm * ratio
+      out = tree.cast_like(out, updates)
+      ok = jnp.isfinite(out_norm)
+      bad = jnp.where(ok, 0 * one, one)
+      variant = jax.lax.cond(  # the state keeps its last finite value
+          ok,
+          lambda: axis.to_varying(new_variant),
+          lambda: axis.to_varying(variant),
       )
-      took = jnp.where(adv_finite, one, 0 * one)
-      loss = jnp.where(adv_finite, loss, zero_loss)
-      return out, loss, variant, took, bad, tree.global_norm(out)
+      if nonfinite == "propagate":
+        return out, loss, variant, one, bad, out_norm
+      out = jax.tree.map(lambda o, c: jnp.where(ok, o, c), out, g)
+      took = jnp.where(ok, one, 0 * one)
+      return (
+          out,
+          jnp.where(ok, loss, zero_loss),
+          variant,
+          took,
+          bad,
+          jnp.where(ok, out_norm, grad_norm),
+      )
 
     def skipped(variant):
       out, variant = rule.fallback(g, params, variant)
