@@ -737,15 +737,19 @@ def _limits_text(result: dict[str, Any]) -> str:
   if slow_branches:
     names = ", ".join(f"{n} ({x:.0f}×)" for n, x in slow_branches)
     lines.append(
-        "* **Convolutions inside control flow on CPU.** LookSAM and AE-SAM"
-        " skip the pass with `lax.switch`, and `num_ascent_steps=2` ascends"
-        " in a `fori_loop`. XLA's CPU backend runs the convolutions of a"
-        " backward pass 20–100× slower inside a conditional or loop body than"
-        " at the top level of the program (jax-ml/jax#12868), so on"
-        f" convolutional models their steps with the pass are slow: {names}"
-        " against the base step. Their FLOPs columns give the algorithmic"
-        " cost; the MLP and the Transformer, without convolutions, do not"
-        " show the effect."
+        "* **Convolutions inside a conditional on CPU.** LookSAM and AE-SAM"
+        " skip the pass with `lax.switch`. Inside a conditional or loop body"
+        " XLA's CPU backend leaves the weight-gradient convolutions of a"
+        " backward pass in the dimension order autodiff gives them"
+        " (`dim_labels=f01b_i01o->01bf`) instead of rewriting them, as it"
+        " does at the top level of the program, to the `b01f_01io` form its"
+        " fast convolution kernels take; they run 20–100× slower"
+        " (jax-ml/jax#12868). On convolutional models their steps with the"
+        f" pass are therefore slow: {names} against the base step. Their"
+        " FLOPs columns give the algorithmic cost; the MLP and the"
+        " Transformer, without convolutions, do not show the effect. For the"
+        " same reason a Python-int `num_ascent_steps` is unrolled rather"
+        " than looped."
     )
   return "\n".join(lines)
 

@@ -200,7 +200,12 @@ def build(
           )
           return jax.tree.map(lambda o, d: o + step * d, off, d_k)
 
-        offset = jax.lax.fori_loop(0, num_ascent_steps - 1, ascend, offset)
+        if static_steps is None:  # traced count (inject_hyperparams)
+          offset = jax.lax.fori_loop(0, num_ascent_steps - 1, ascend, offset)
+        else:  # unrolled: the passes stay at the top level of the program,
+          # where XLA:CPU lowers convolution gradients to its fast kernels
+          for k in range(static_steps - 1):
+            offset = ascend(k, offset)
       g_adv, loss = oracle(tree.add_scaled(params, offset, one))
       out, new_variant = rule.combine(g, g_adv, params, variant)
       # One norm of the output serves the stats, the renormalization and

@@ -97,7 +97,9 @@ def sam(
       \frac{\nabla L(w + \epsilon_k)}{\|\nabla L(w + \epsilon_k)\|}`
       with :math:`\epsilon_0 = 0`, then the gradient at
       :math:`w + \epsilon_n` is returned: ``n + 1`` gradient evaluations in
-      all, the first being the clean gradient the caller passes in.
+      all, the first being the clean gradient the caller passes in. A
+      Python ``int`` is unrolled (the closure is traced ``n`` times); a
+      traced one (``inject_hyperparams``) runs in a ``lax.fori_loop``.
     renormalize: if ``True``, rescale the returned gradient to the norm of
       the clean gradient, :math:`u \leftarrow u \, \|g\| / \|u\|`
       (StableSAM). SAM's gradient can be much longer than the clean one,
