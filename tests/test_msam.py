@@ -133,6 +133,62 @@ def test_unperturbed_weights_follow_the_base_optimizer_with_a_rho_schedule(base)
     np.testing.assert_allclose(float(sam_optax.sam_stats(s).rho), rho(t), rtol=1e-6)
 
 
+@pytest.mark.parametrize("order", ["msam_outside", "multisteps_outside"])
+def test_gradient_accumulation_keeps_the_perturbation_over_micro_batches(order):
+  # The paper's rule over k micro-batches: one perturbed point
+  # w̃ = w − ρ v/‖v‖ per macro step, the mean of the micro-batch gradients
+  # at w̃ drives the momentum step.
+  params, loss_fn = problems.mlp_problem(seed=75)
+  lr, mu, rho, k = 0.05, 0.9, 0.3, 3
+  micro = [lambda p, i=i: (1.0 + 0.5 * i) * loss_fn(p) for i in range(k)]
+  if order == "msam_outside":
+    tx = sam_optax.msam(optax.MultiSteps(optax.sgd(lr, momentum=mu), k), rho=rho)
+  else:
+    tx = optax.MultiSteps(sam_optax.msam(optax.sgd(lr, momentum=mu), rho=rho), k)
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p))
+  p, s = params, tx.init(params)
+  w, v = flat(params), np.zeros_like(flat(params))
+  for _ in range(4):
+    w_tilde = w - rho * v / _norm(v) if _norm(v) > 0 else w
+    grads = []
+    for i in range(k):
+      np.testing.assert_allclose(flat(p), w_tilde, rtol=1e-5, atol=1e-6)
+      u, s = update(jax.grad(micro[i])(p), s, p)
+      p = optax.apply_updates(p, u)
+      grads.append(grad_at(micro[i], params, w_tilde))
+    v = mu * v + np.mean(grads, axis=0)
+    w = w - lr * v
+    np.testing.assert_allclose(flat(sam_optax.msam_unperturbed(p, s)), w, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(flat(p), w - rho * v / _norm(v), rtol=1e-4, atol=1e-6)
+
+
+def test_zero_update_keeps_the_direction_of_the_perturbation():
+  # A learning rate of 0 gives a zero update: w stays, and the offset keeps
+  # its direction, rescaled to the new ρ (here ρ_t = 0.2 (t + 1)).
+  params, loss_fn = problems.mlp_problem(seed=76)
+  lrs = [0.05, 0.05, 0.0, 0.0, 0.05]
+  tx = sam_optax.msam(
+      optax.sgd(lambda t: jnp.asarray(lrs)[t], momentum=0.9),
+      rho=lambda t: 0.2 * (t + 1),
+  )
+  step = jax.jit(_step_fn(tx, loss_fn))
+  p, s = params, tx.init(params)
+  for t, lr in enumerate(lrs):
+    before = flat(sam_optax.msam_unperturbed(p, s)), flat(p)
+    p, s = step(p, s)
+    w, offset = flat(sam_optax.msam_unperturbed(p, s)), flat(p) - flat(
+        sam_optax.msam_unperturbed(p, s)
+    )
+    np.testing.assert_allclose(_norm(offset), 0.2 * (t + 1), rtol=1e-5)
+    if lr == 0.0:
+      # (w + offset) − offset rounds in float32: equal to an ulp or so
+      np.testing.assert_allclose(w, before[0], rtol=0, atol=2e-7)
+      old = before[1] - before[0]
+      np.testing.assert_allclose(
+          offset, 0.2 * (t + 1) * old / _norm(old), rtol=1e-4, atol=1e-7
+      )
+
+
 # ------------------------------------------------------------- the contract
 
 

@@ -153,10 +153,26 @@ def msam(
   AdamW variant uses the first moment instead). The norm is global over
   all leaves, in at least float32.
 
+  Where the update is exactly zero (a learning rate of 0 during a warm-up,
+  the accumulating micro-steps of an ``optax.MultiSteps`` inside MSAM) it
+  has no direction, and the perturbation keeps its own, rescaled to
+  :math:`\rho_t` (at a learning rate of 0 the official SGD code would
+  follow the momentum, which still moves; the two differ only on such
+  steps).
+
   Use :func:`msam_unperturbed` to get :math:`w_t` for evaluation and export.
-  MSAM must be the outermost transformation, so that it sees the
-  parameters the caller holds: wrap the whole optimizer, e.g.
+  Nothing may transform MSAM's output, since it holds the move back from
+  :math:`\tilde w_t`: wrap the whole optimizer, e.g.
   ``msam(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(...)))``.
+  Wrappers that hand the update on unchanged or skip it whole
+  (``optax.MultiSteps``, ``optax.apply_if_finite``,
+  ``optax.inject_hyperparams``) may go around it; for gradient
+  accumulation both ``optax.MultiSteps(msam(base), k)`` and
+  ``msam(optax.MultiSteps(base, k))`` keep the perturbation fixed over the
+  ``k`` micro-batches. Weight decay in ``optimizer`` (e.g.
+  ``optax.add_decayed_weights``) acts on the unperturbed :math:`w_t`; the
+  official SGD code decays the perturbed weights instead, a difference of
+  order ``weight_decay * rho`` per step.
 
   The offset is stored, so a changing (scheduled) ``rho`` moves back by
   exactly the amount it moved up. ``rho == 0`` as a Python number gives the
@@ -166,7 +182,8 @@ def msam(
 
   Args:
     optimizer: the base optimizer, typically ``optax.sgd(lr, momentum=0.9)``
-      (also with weight decay, e.g. through ``optax.add_decayed_weights``).
+      (also with weight decay, e.g. through ``optax.add_decayed_weights``),
+      or an ``optax.MultiSteps`` around one.
     rho: perturbation radius, or a schedule of the step count. The authors'
       example commands use 3 for SGD and AdamW on CIFAR-100 and ImageNet,
       where they use 0.2 for SAM.
@@ -203,6 +220,8 @@ def msam(
     Becker, Altrock, Risse, *Momentum-SAM: Sharpness Aware Minimization
     without Computational Overhead*, 2024. https://arxiv.org/abs/2401.12033
   """
+  if isinstance(optimizer, optax.MultiSteps):
+    optimizer = optimizer.gradient_transformation()
   if not isinstance(optimizer, optax.GradientTransformation):
     raise TypeError(
         "`msam`: `optimizer` must be an optax.GradientTransformation, for"
@@ -245,9 +264,19 @@ def msam(
     if static_rho == 0.0:
       out, offset = step, state.offset
     else:
+      # Where the update is exactly zero (a learning rate of 0, the
+      # accumulating micro-steps of an inner `optax.MultiSteps`) it has no
+      # direction: the perturbation keeps its own, rescaled to rho_t.
       norm = tree.global_norm(step)
-      scale = rho_t.astype(norm.dtype) / (norm + eps)
-      offset = tree.cast_like(tree.scale_wide(step, scale), state.offset)
+      moving = norm > 0
+      source = jax.tree.map(
+          lambda u, o: jnp.where(moving, u, o.astype(u.dtype)),
+          step,
+          state.offset,
+      )
+      source_norm = jnp.where(moving, norm, tree.global_norm(state.offset))
+      scale = rho_t.astype(norm.dtype) / (source_norm + eps)
+      offset = tree.cast_like(tree.scale_wide(source, scale), state.offset)
 
       def move(u, new, old):
         wide = tree.wide_dtype(jnp.promote_types(u.dtype, new.dtype))
