@@ -129,11 +129,11 @@ def test_always_sam_with_very_negative_threshold():
     [
         ({"delta": 1.0}, r"`ae_sam`: `delta` must lie in \[0, 1\); got delta=1.0"),
         ({"delta": -0.1}, r"`ae_sam`: `delta` must lie in \[0, 1\); got delta=-0.1"),
-        ({"lambda_start": float("inf")}, r"`ae_sam`: `lambda_start` must be a finite number; got lambda_start=inf"),
-        ({"lambda_end": "1"}, r"`ae_sam`: `lambda_end` must be a number"),
+        ({"lambda_start": float("inf")}, r"`ae_sam`: `lambda_start` must be finite; got lambda_start=inf"),
+        ({"lambda_end": "1"}, r"`ae_sam`: `lambda_end` must be a real number"),
         ({"total_steps": 0}, r"`ae_sam`: `total_steps` must be an integer >= 1; got total_steps=0"),
         ({"total_steps": 10.5}, r"`total_steps` must be an integer >= 1; got total_steps=10.5"),
-        ({"rho": -1.0}, r"`ae_sam`: `rho` must lie in \[0, inf\]; got rho=-1.0"),
+        ({"rho": -1.0}, r"`ae_sam`: `rho` must lie in \[0, inf\); got rho=-1.0"),
     ],
 )
 def test_invalid_hyperparameters(kwargs, match):

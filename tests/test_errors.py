@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -20,13 +21,17 @@ def _setup():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"rho": -0.1}, r"`rho` must lie in \[0, inf\]; got rho=-0.1"),
+        ({"rho": -0.1}, r"`rho` must lie in \[0, inf\); got rho=-0.1"),
         ({"rho": float("nan")}, r"`rho`"),
-        ({"rho": "0.1"}, r"`rho` must be a number or a schedule"),
-        ({"rho": jnp.ones(2)}, r"`rho` must be a number or a schedule"),
-        ({"eps": 0.0}, r"`eps` must lie in \(0, inf\]; got eps=0.0"),
+        ({"rho": "0.1"}, r"`rho` must be a real number or a schedule"),
+        ({"rho": jnp.ones(2)}, r"`rho` must be a real number or a schedule"),
+        ({"eps": 0.0}, r"`eps` must lie in \(0, inf\); got eps=0.0"),
         ({"eps": -1e-3}, r"`eps`"),
         ({"eps": lambda t: 1e-12}, r"`eps` must be a number, not a schedule"),
+        ({"rho": True}, r"`rho` must be a real number or a schedule, got rho=True"),
+        ({"rho": float("inf")}, r"`rho` must be finite; got rho=inf"),
+        ({"rho": 1 + 2j}, r"`rho` must be a real number or a schedule"),
+        ({"rho": jnp.asarray(1 + 2j)}, r"`rho` must be a real number"),
     ],
 )
 def test_invalid_hyperparameters_raise_at_construction(kwargs, match):
@@ -121,3 +126,59 @@ def test_updates_not_matching_params():
 def test_with_sam_rejects_non_optimizer():
   with pytest.raises(TypeError, match=r"`optimizer` must be an optax"):
     sam_optax.with_sam(0.1)
+
+
+def test_schedule_of_the_wrong_arity_is_named_at_construction():
+  with pytest.raises(TypeError, match=r"`sam`: a `rho` schedule must take one argument"):
+    sam_optax.sam(lambda: 0.05)
+  with pytest.raises(TypeError, match=r"`gsam`: a `rho` schedule"):
+    sam_optax.gsam(lambda count, total: 0.05)
+  sam_optax.sam(lambda count, scale=1.0: 0.05 * scale)  # defaults are fine
+
+
+def test_negative_scheduled_rho_is_zero_and_recorded_so():
+  params, loss_fn, _, _, grads = _setup()
+  tx = sam_optax.sam(lambda count: -0.1)
+  out, state = jax.jit(lambda g, s, p: tx.update(g, s, p, loss_fn=loss_fn))(
+      grads, tx.init(params), params
+  )
+  chex.assert_trees_all_equal(out, grads)  # the clean gradient: no pass
+  stats = sam_optax.sam_stats(state)
+  assert float(stats.rho) == 0.0 and float(stats.pass_taken) == 0.0
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: sam_optax.sam(eps=0.0), r"^`sam`: `eps`"),
+        (lambda: sam_optax.asam(eta=-1.0), r"^`asam`: `eta`"),
+        (lambda: sam_optax.looksam(k=0), r"^`looksam`: `k`"),
+        (lambda: sam_optax.rwp(alpha=2.0), r"^`rwp`: `alpha`"),
+        (lambda: sam_optax.ae_sam(total_steps=10, delta=1.0), r"^`ae_sam`: `delta`"),
+        (lambda: sam_optax.fisher_masked_sam(sparsity=1.5), r"^`fisher_masked_sam`: `sparsity` must lie in \[0, 1\]"),
+        # a part called directly names itself
+        (lambda: sam_optax.perturbations.adaptive(eta=-1.0), r"^`adaptive`: `eta`"),
+        (lambda: sam_optax.policies.every(0), r"^`every`: `k`"),
+    ],
+)
+def test_errors_name_the_function_the_user_called(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+def test_adaptive_policy_needs_the_run_length():
+  with pytest.raises(TypeError, match=r"total_steps"):
+    sam_optax.policies.adaptive()  # pylint: disable=missing-kwoa
+
+
+def test_loss_returning_a_dict_asks_for_a_pair():
+  params, loss_fn, tx, state, grads = _setup()
+  with pytest.raises(TypeError, match=r"`sam`: `loss_fn` must return a scalar loss or a `\(loss, aux\)` pair, but it returned a dict"):
+    tx.update(grads, state, params, loss_fn=lambda p: {"loss": loss_fn(p)})
+
+
+def test_axis_name_outside_a_mapped_context():
+  params, loss_fn, _, _, grads = _setup()
+  tx = sam_optax.sam(0.05, axis_name="batch")
+  with pytest.raises(ValueError, match=r"`sam`: `axis_name='batch'` names an axis that is not bound.*shard_map"):
+    tx.update(grads, tx.init(params), params, loss_fn=loss_fn)

@@ -339,9 +339,9 @@ def test_rho_zero_is_the_base_optimizer_exactly(how, base):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"rho": -1.0}, r"`msam`: `rho` must lie in \[0, inf\]; got rho=-1.0"),
-        ({"rho": "3"}, r"`msam`: `rho` must be a number or a schedule"),
-        ({"eps": 0.0}, r"`msam`: `eps` must lie in \(0, inf\]; got eps=0.0"),
+        ({"rho": -1.0}, r"`msam`: `rho` must lie in \[0, inf\); got rho=-1.0"),
+        ({"rho": "3"}, r"`msam`: `rho` must be a real number or a schedule"),
+        ({"eps": 0.0}, r"`msam`: `eps` must lie in \(0, inf\); got eps=0.0"),
     ],
 )
 def test_invalid_hyperparameters(kwargs, match):

@@ -81,7 +81,7 @@ def test_asam_bad_mask():
   params, loss_fn = problems.mlp_problem()
   with pytest.raises(ValueError, match=r"`mask` must have the tree structure"):
     sam_optax.asam(0.5, mask={"layer1": True}).init(params)
-  with pytest.raises(ValueError, match=r"`eta` must lie in \[0, inf\]; got eta=-1"):
+  with pytest.raises(ValueError, match=r"`eta` must lie in \[0, inf\); got eta=-1"):
     sam_optax.asam(0.5, eta=-1)
 
 

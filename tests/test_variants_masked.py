@@ -252,8 +252,8 @@ def test_sam_on_without_normalization_layers_explains_the_mask():
 # ------------------------------------------------------------ fisher_masked_sam
 
 def _top_k(score, keep_fraction):
-  """Global top-k, ties to the earlier entry, k = round(keep_fraction * n)."""
-  k = int(np.round(keep_fraction * score.size))
+  """Global top-k, ties to the earlier entry, k = round(keep_fraction * n) >= 1."""
+  k = max(int(np.round(keep_fraction * score.size)), 1)
   order = np.argsort(-score, kind="stable")
   mask = np.zeros(score.size)
   mask[order[:k]] = 1.0
@@ -337,6 +337,17 @@ def test_fisher_mask_changes_only_at_refresh_steps_and_keeps_the_fraction():
       np.testing.assert_array_equal(m, masks[t - 1], err_msg=f"step {t} is not a refresh")
   changed = [t for t in range(1, steps) if not np.array_equal(masks[t], masks[t - 1])]
   assert changed and set(changed) <= {4, 8}
+
+
+def test_fisher_mask_keeps_at_least_one_entry():
+  # 76 entries at sparsity 0.995: round(0.38) = 0, yet the mask keeps the
+  # entry of largest g², so the second pass still perturbs something.
+  params, loss_fn = problems.mlp_problem(seed=67)
+  _, masks = _fisher_run(
+      sam_optax.fisher_masked_sam(0.5, 0.995, 1, score="current"), params, loss_fn, 2)
+  g2 = flat(jax.grad(loss_fn)(params)) ** 2
+  np.testing.assert_array_equal(masks[0], _top_k(g2, 0.005))
+  assert masks[0].sum() == 1 and masks[0][np.argmax(g2)] == 1
 
 
 def test_fisher_mask_ties_go_to_the_earlier_entry():

@@ -118,7 +118,7 @@ def test_friendly_sam_zero_direction_is_finite():
 
 
 def test_friendly_sam_bad_hyperparameters():
-  with pytest.raises(ValueError, match=r"`friendly_sam`: `sigma` must lie in \[0, inf\]; got sigma=-1"):
+  with pytest.raises(ValueError, match=r"`friendly_sam`: `sigma` must lie in \[0, inf\); got sigma=-1"):
     sam_optax.friendly_sam(0.1, sigma=-1.0)
   with pytest.raises(ValueError, match=r"`lam` must lie in \[0, 1\]; got lam=1.5"):
     sam_optax.friendly_sam(0.1, lam=1.5)
@@ -242,7 +242,7 @@ def test_fisher_sam_eta_zero_is_sam():
 
 
 def test_fisher_sam_bad_eta():
-  with pytest.raises(ValueError, match=r"`fisher_sam`: `eta` must lie in \[0, inf\]; got eta=-0.5"):
+  with pytest.raises(ValueError, match=r"`fisher_sam`: `eta` must lie in \[0, inf\); got eta=-0.5"):
     sam_optax.fisher_sam(0.1, eta=-0.5)
 
 

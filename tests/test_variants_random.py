@@ -187,7 +187,7 @@ def test_rwp_gamma_schedule_skips_the_pass_where_zero():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"gamma": -0.1}, r"`rwp`: `gamma` must lie in \[0, inf\]; got gamma=-0.1"),
+        ({"gamma": -0.1}, r"`rwp`: `gamma` must lie in \[0, inf\); got gamma=-0.1"),
         ({"alpha": 1.5}, r"`rwp`: `alpha` must lie in \[0, 1\]; got alpha=1.5"),
         ({"key": -1}, r"`rwp`: `key` must be a non-negative int seed or a JAX PRNG key"),
         ({"key": 0.5}, r"`key`.*got key=0.5"),
@@ -396,7 +396,7 @@ def test_esam_bad_per_example_losses():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"rho": -0.1}, r"`esam`: `rho` must lie in \[0, inf\]; got rho=-0.1"),
+        ({"rho": -0.1}, r"`esam`: `rho` must lie in \[0, inf\); got rho=-0.1"),
         ({"beta": 0.0}, r"`esam`: `beta` must lie in \(0, 1\]; got beta=0.0"),
         ({"gamma": 1.5}, r"`esam`: `gamma` must lie in \(0, 1\]; got gamma=1.5"),
         ({"key": True}, r"`esam`: `key` must be"),

@@ -173,6 +173,8 @@ def build(
     g = axis.perturbation_gradient(local)
     count = state.count
     rho_t = jnp.asarray(rho(count) if callable(rho) else rho)
+    if static_rho is None:  # checked at construction otherwise
+      rho_t = jnp.maximum(rho_t, 0)
     grad_norm = tree.global_norm(g)
     finite = jnp.isfinite(grad_norm)
     if axis.active:

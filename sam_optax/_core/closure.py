@@ -109,7 +109,15 @@ def scalar_loss(caller: str, out: Any) -> jax.Array:
       )
     out = out[0]
   if not hasattr(out, "shape") or not hasattr(out, "dtype"):
-    out = jnp.asarray(out)
+    try:
+      out = jnp.asarray(out)
+    except TypeError as err:
+      raise TypeError(
+          f"`{caller}`: `loss_fn` must return a scalar loss or a"
+          f" `(loss, aux)` pair, but it returned a {type(out).__name__}."
+          " Return the loss first and anything else as `aux`, e.g."
+          " `return loss, {'accuracy': acc}`."
+      ) from err
   if out.shape != ():
     raise TypeError(
         f"`{caller}`: `loss_fn` must return a scalar loss, but it returned"

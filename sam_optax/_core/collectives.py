@@ -102,8 +102,18 @@ class Axis(NamedTuple):
     return set(names) <= _varying(jax.lax.axis_index(names))
 
   def check_local(self, caller: str, grads: PyTree) -> None:
-    """Raises if the clean gradient was already reduced over the axis."""
-    if not self._vma():
+    """Raises if the axis is unbound or the clean gradient already reduced."""
+    try:
+      vma = self._vma()
+    except NameError as err:
+      raise ValueError(
+          f"`{caller}`: `axis_name={self.name!r}` names an axis that is not"
+          " bound where `update` runs. Call `update` inside `jax.shard_map`,"
+          " `jax.pmap` or `jax.vmap` over that axis (with"
+          f" `axis_name={self.name!r}`), or leave `axis_name` out for"
+          " single-device training."
+      ) from err
+    if not vma:
       return
     names = set(_names(self.name))
     for path, leaf in jax.tree_util.tree_leaves_with_path(grads):

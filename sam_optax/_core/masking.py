@@ -44,17 +44,20 @@ def select(mask: PyTree, on: PyTree, off: PyTree) -> PyTree:
 def top_fraction(scores: Any, keep_fraction: Any) -> Any:
   """Boolean tree selecting the largest ``scores`` over all leaves together.
 
-  Keeps ``round(keep_fraction * n)`` of the ``n`` entries (a global top-k, not
-  per leaf). Ties are broken deterministically: among equal scores, the entry
-  that comes first in ``jax.tree.leaves`` order (row-major within a leaf)
-  wins. ``keep_fraction`` may be a traced value.
+  Keeps ``round(keep_fraction * n)`` of the ``n`` entries, at least one for
+  a positive fraction (a global top-k, not per leaf). Ties are broken
+  deterministically: among equal scores, the entry that comes first in
+  ``jax.tree.leaves`` order (row-major within a leaf) wins.
+  ``keep_fraction`` may be a traced value.
   """
   leaves, treedef = jax.tree.flatten(scores)
   if not leaves:
     return scores
   flat = jnp.concatenate([jnp.ravel(x) for x in leaves])
   n = flat.size
-  keep = jnp.round(jnp.asarray(keep_fraction) * n).astype(jnp.int32)
+  fraction = jnp.asarray(keep_fraction)
+  keep = jnp.round(fraction * n).astype(jnp.int32)
+  keep = jnp.where(fraction > 0, jnp.maximum(keep, 1), keep)  # never empty
   order = jnp.argsort(-flat, stable=True)
   ranks = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
   selected = ranks < keep

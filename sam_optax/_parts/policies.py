@@ -8,7 +8,6 @@ pass is not executed there (``jax.lax.switch`` runs one branch).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -92,25 +91,22 @@ def adaptive(
     delta: float = 0.9,
     lambda_start: float = 1.0,
     lambda_end: float = -1.0,
-    total_steps: int = 1,
+    *,
+    total_steps: int,
 ) -> Policy:
   r"""AE-SAM's policy: take the pass when :math:`\|g_t\|^2 \ge \mu_t + c_t \sigma_t`.
 
   :math:`\mu_t = \delta \mu_{t-1} + (1-\delta)\|g_t\|^2` and
   :math:`\sigma_t^2 = \delta \sigma_{t-1}^2 + (1-\delta)(\|g_t\|^2 - \mu_t)^2`
   (both from 0); :math:`c_t` moves linearly from ``lambda_start`` to
-  ``lambda_end`` over ``total_steps``.
+  ``lambda_end`` over ``total_steps`` (required: the length of the
+  training run, in steps).
   """
   validation.check_scalar(
       "ae_sam", "delta", delta, low=0.0, high=1.0, high_inclusive=False
   )
   for name, value in (("lambda_start", lambda_start), ("lambda_end", lambda_end)):
     validation.check_scalar("ae_sam", name, value)
-    x = validation.concrete_float(value)
-    if x is not None and not math.isfinite(x):
-      raise ValueError(
-          f"`ae_sam`: `{name}` must be a finite number; got {name}={value!r}."
-      )
   validation.check_int("ae_sam", "total_steps", total_steps, low=1)
 
   def init(params: Any) -> AESAMState:

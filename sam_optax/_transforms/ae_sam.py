@@ -6,6 +6,7 @@ from typing import Optional
 
 import optax
 
+from sam_optax._core import validation
 from sam_optax._core.builder import ScalarOrSchedule
 from sam_optax._core.collectives import AxisName
 from sam_optax._parts import perturbations, policies
@@ -15,6 +16,7 @@ from sam_optax._parts.policies import AESAMState, ae_sam_threshold_coefficient
 __all__ = ("AESAMState", "ae_sam", "ae_sam_threshold_coefficient")
 
 
+@validation.reported_as("ae_sam")
 def ae_sam(
     rho: ScalarOrSchedule = 0.05,
     delta: float = 0.9,
@@ -121,7 +123,9 @@ def ae_sam(
   return sharpness_aware(
       rho,
       perturbation=perturbations.l2(eps),
-      policy=policies.adaptive(delta, lambda_start, lambda_end, total_steps),
+      policy=policies.adaptive(
+          delta, lambda_start, lambda_end, total_steps=total_steps
+      ),
       eps=eps,
       renormalize=renormalize,
       nonfinite=nonfinite,

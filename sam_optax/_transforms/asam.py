@@ -6,7 +6,7 @@ from typing import Optional
 
 import optax
 
-from sam_optax._core import masking
+from sam_optax._core import masking, validation
 from sam_optax._core.builder import ScalarOrSchedule
 from sam_optax._core.collectives import AxisName
 from sam_optax._parts import perturbations
@@ -15,6 +15,7 @@ from sam_optax._parts.compose import sharpness_aware
 __all__ = ("asam",)
 
 
+@validation.reported_as("asam")
 def asam(
     rho: ScalarOrSchedule = 0.5,
     eta: float = 0.01,

@@ -100,6 +100,7 @@ def sds_loss(
   return selected_mean
 
 
+@validation.reported_as("esam")
 def esam(
     rho: ScalarOrSchedule = 0.05,
     beta: float = 0.6,
@@ -138,8 +139,9 @@ def esam(
         l_i(w)\Big|_{w + \hat\epsilon} ,
 
   so the other examples have no influence on ``u``. (The official code keeps
-  the examples strictly sharper than the :math:`\lfloor \gamma B \rfloor`-th,
-  one fewer.)
+  the examples strictly sharper than the :math:`\lfloor \gamma B
+  \rfloor`-th sharpest, :math:`\lfloor \gamma B \rfloor - 1` of them: one
+  fewer where :math:`\gamma B` is an integer, two fewer otherwise.)
 
   **Per-example loss protocol.** ``update(grads, state, params, *,
   loss_fn, clean_losses=None)``: ``loss_fn(params)`` returns a vector of

@@ -6,6 +6,7 @@ from typing import Optional
 
 import optax
 
+from sam_optax._core import validation
 from sam_optax._core.builder import ScalarOrSchedule
 from sam_optax._core.collectives import AxisName
 from sam_optax._parts import perturbations
@@ -15,6 +16,7 @@ from sam_optax._parts.perturbations import FriendlySAMState
 __all__ = ("FriendlySAMState", "friendly_sam")
 
 
+@validation.reported_as("friendly_sam")
 def friendly_sam(
     rho: ScalarOrSchedule = 0.05,
     sigma: float = 1.0,
@@ -46,6 +48,11 @@ def friendly_sam(
   average is fed with the clean gradients (never the perturbed ones) and is
   updated on every step, including steps where ``rho`` is 0. Norms are global
   over the whole tree. ``sigma=0`` is SAM.
+
+  This is the authors' code, which subtracts the average before updating it.
+  Written with the updated average, :math:`g_t - \sigma' m_t`, the direction
+  is the same for :math:`\sigma = \sigma'\lambda / (1 - \sigma'(1 -
+  \lambda))`; at :math:`\sigma = \sigma' = 1` the two forms coincide.
 
   Cost: one extra forward/backward pass, like :func:`sam_optax.sam`, plus one
   parameter-sized float32 buffer.

@@ -17,6 +17,7 @@ from sam_optax._parts.compose import sharpness_aware
 __all__ = ("gsam", "gsam_rho_schedule")
 
 
+@validation.reported_as("gsam")
 def gsam(
     rho: ScalarOrSchedule = 0.05,
     alpha: float = 0.1,
@@ -131,7 +132,8 @@ def gsam_rho_schedule(
   )
 
   def schedule(count: jax.Array) -> jax.Array:
-    lr = jnp.asarray(learning_rate(count), jnp.float32)
+    lr = jnp.asarray(learning_rate(count))
+    lr = lr.astype(jnp.promote_types(lr.dtype, jnp.float32))
     frac = (lr - lr_min) / (lr_max - lr_min)
     return rho_min + (rho_max - rho_min) * frac
 

@@ -6,6 +6,7 @@ from typing import Optional
 
 import optax
 
+from sam_optax._core import validation
 from sam_optax._core.builder import ScalarOrSchedule
 from sam_optax._core.collectives import AxisName
 from sam_optax._parts import directions, perturbations, policies
@@ -15,6 +16,7 @@ from sam_optax._parts.directions import LookSAMState
 __all__ = ("LookSAMState", "looksam")
 
 
+@validation.reported_as("looksam")
 def looksam(
     rho: ScalarOrSchedule = 0.05,
     k: int = 5,

@@ -99,6 +99,7 @@ def _build_masked(
   )
 
 
+@validation.reported_as("masked_sam")
 def masked_sam(
     rho: ScalarOrSchedule = 0.05,
     mask: masking.MaskOrFn = None,
@@ -198,6 +199,7 @@ def masked_sam(
   )
 
 
+@validation.reported_as("fisher_masked_sam")
 def fisher_masked_sam(
     rho: ScalarOrSchedule = 0.05,
     sparsity: float = 0.9,
@@ -242,7 +244,8 @@ def fisher_masked_sam(
 
   Ties are broken deterministically (the entry earlier in
   ``jax.tree.leaves`` order wins), and the number kept is
-  ``round((1 - sparsity) * n)`` for ``n`` entries. Between refreshes the mask
+  ``round((1 - sparsity) * n)`` for ``n`` entries, at least one unless
+  ``sparsity=1`` (which perturbs nothing). Between refreshes the mask
   is frozen in the state (:class:`FisherMaskState`), so it persists across
   ``jit`` calls and checkpoints.
 

@@ -26,6 +26,7 @@ def rwp_noise(keys: jax.Array, params: Any, filter_axis: str = "last") -> Any:
   return perturbations.gaussian_noise(keys, params, filter_axis)
 
 
+@validation.reported_as("rwp")
 def rwp(
     gamma: ScalarOrSchedule = 0.01,
     alpha: float = 0.5,

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import optax
 
-from sam_optax._core import tree
+from sam_optax._core import tree, validation
 from sam_optax._core.builder import SAMState, ScalarOrSchedule
 from sam_optax._core.collectives import AxisName
 from sam_optax._parts import perturbations
@@ -20,6 +20,7 @@ def normalized_direction(grads: Any, eps: float) -> Any:
   return tree.scale_wide(grads, 1.0 / (tree.global_norm(grads) + eps))
 
 
+@validation.reported_as("sam")
 def sam(
     rho: ScalarOrSchedule = 0.05,
     *,
@@ -88,7 +89,9 @@ def sam(
   Args:
     rho: perturbation radius :math:`\rho \ge 0`, or a schedule: a callable of
       the step count (0, 1, 2, ...) returning :math:`\rho`. Works with
-      ``optax.inject_hyperparams(sam_optax.sam)(rho=...)``.
+      ``optax.inject_hyperparams(sam_optax.sam)(rho=...)``. A schedule's or
+      traced value below 0 is taken as 0 (no second pass), and recorded so
+      in the stats.
     eps: small positive constant added to the gradient norm.
     num_ascent_steps: number ``n`` of ascent steps. With ``n > 1`` the
       perturbation is built by ``n`` normalized steps of size ``rho / n``,

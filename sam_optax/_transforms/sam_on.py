@@ -8,7 +8,7 @@ from typing import Any, Optional
 import jax
 import optax
 
-from sam_optax._core import masking
+from sam_optax._core import masking, validation
 from sam_optax._core.builder import ScalarOrSchedule
 from sam_optax._core.collectives import AxisName
 from sam_optax._transforms.masked_sam import _build_masked
@@ -93,6 +93,7 @@ _HINT = (
 )
 
 
+@validation.reported_as("sam_on")
 def sam_on(
     rho: ScalarOrSchedule = 0.5,
     mask: masking.MaskOrFn = None,

@@ -6,6 +6,7 @@ from typing import Optional
 
 import optax
 
+from sam_optax._core import validation
 from sam_optax._core.builder import ScalarOrSchedule
 from sam_optax._core.collectives import AxisName
 from sam_optax._parts import perturbations
@@ -14,6 +15,7 @@ from sam_optax._parts.compose import sharpness_aware
 __all__ = ("usam",)
 
 
+@validation.reported_as("usam")
 def usam(
     rho: ScalarOrSchedule = 0.01,
     *,

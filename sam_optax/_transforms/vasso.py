@@ -6,6 +6,7 @@ from typing import Optional
 
 import optax
 
+from sam_optax._core import validation
 from sam_optax._core.builder import ScalarOrSchedule
 from sam_optax._core.collectives import AxisName
 from sam_optax._parts import perturbations
@@ -15,6 +16,7 @@ from sam_optax._parts.perturbations import VaSSOState
 __all__ = ("VaSSOState", "vasso")
 
 
+@validation.reported_as("vasso")
 def vasso(
     rho: ScalarOrSchedule = 0.05,
     theta: float = 0.9,
