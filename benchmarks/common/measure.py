@@ -49,8 +49,8 @@ def xla_flops(fn: Callable[..., Any], *args: Any) -> Optional[float]:
   return compile_with_flops(fn, *args)[1]
 
 
-def flops_of(compiled: Any) -> Optional[float]:
-  """The ``"flops"`` entry of a compiled function's cost analysis, or ``None``.
+def cost_of(compiled: Any, key: str) -> Optional[float]:
+  """An entry of a compiled function's cost analysis, or ``None``.
 
   ``cost_analysis()`` returns a dict or, in some JAX versions, a list of
   dicts (one per program); both are handled.
@@ -60,5 +60,15 @@ def flops_of(compiled: Any) -> Optional[float]:
     cost = cost[0] if cost else None
   if not cost:
     return None
-  flops = cost.get("flops")
-  return float(flops) if flops is not None and flops >= 0 else None
+  value = cost.get(key)
+  return float(value) if value is not None and value >= 0 else None
+
+
+def flops_of(compiled: Any) -> Optional[float]:
+  """XLA's FLOP count of a compiled function, or ``None``."""
+  return cost_of(compiled, "flops")
+
+
+def bytes_accessed_of(compiled: Any) -> Optional[float]:
+  """XLA's count of bytes read and written by a compiled function, or ``None``."""
+  return cost_of(compiled, "bytes accessed")

@@ -46,7 +46,8 @@ def sam_stats(opt_state: Any) -> Optional[SAMStats]:
   """Finds the :class:`SAMStats` of the first sharpness-aware transform in a state.
 
   Works on the state of any chain, ``optax.inject_hyperparams``,
-  ``optax.MultiSteps`` or other wrapper, since it searches the state pytree.
+  ``optax.MultiSteps`` or other wrapper, since it searches the state pytree,
+  and on a Flax NNX ``optimizer.opt_state``.
 
   Args:
     opt_state: an optimizer state, for example ``tx.init(params)``.
@@ -71,4 +72,7 @@ def sam_stats(opt_state: Any) -> Optional[SAMStats]:
       )
       if isinstance(leaf, SAMStats)
   ]
-  return found[0] if found else None
+  if not found:
+    return None
+  # Flax NNX keeps each array of `optimizer.opt_state` in a variable.
+  return SAMStats(*(getattr(x, "value", x) for x in found[0]))

@@ -1,0 +1,242 @@
+"""The README's code runs as printed, and does what its text says.
+
+Each block is taken from ``README.md`` by a line it contains, executed in a
+namespace that defines what the surrounding prose assumes (a model, a batch),
+and its result compared with an independent reference where it computes one.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec
+
+import sam_optax
+from tests.reference import sam_gradient
+
+README = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+
+
+def _block(anchor: str) -> str:
+  """The one Python block of the README that contains ``anchor``."""
+  found = [b for b in BLOCKS if anchor in b]
+  assert len(found) == 1, f"{len(found)} README blocks contain {anchor!r}"
+  return found[0]
+
+
+def _run(anchor: str, namespace: dict[str, Any]) -> dict[str, Any]:
+  exec(compile(_block(anchor), f"README.md<{anchor}>", "exec"), namespace)  # noqa: S102
+  return namespace
+
+
+def _mlp_namespace() -> dict[str, Any]:
+  """A small MLP, its parameters and a batch, as the README's prose assumes."""
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  params = {
+      "w1": jax.random.normal(k1, (8, 16)) * 0.3, "b1": jnp.zeros(16),
+      "w2": jax.random.normal(k2, (16, 3)) * 0.3, "b2": jnp.zeros(3),
+  }
+
+  def model_apply(p, x):
+    return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+  def loss(p, x, y):
+    logits = model_apply(p, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  x = jax.random.normal(k3, (32, 8))
+  y = jnp.arange(32) % 3
+  return {
+      "jax": jax, "jnp": jnp, "optax": optax, "sam_optax": sam_optax,
+      "P": PartitionSpec, "params": params, "model_apply": model_apply,
+      "loss": loss, "x": x, "y": y, "batch": (x, y),
+  }
+
+
+def test_quickstart_trains_and_matches_the_two_pass_step():
+  ns = _run("def train_step(params, opt_state, batch):", _mlp_namespace())
+  assert BLOCKS[0] in _block("def train_step(params, opt_state, batch):")  # the headline
+  params, opt_state, batch = ns["params"], ns["opt_state"], ns["batch"]
+  loss_fn = lambda p: ns["loss_on"](p, batch)  # noqa: E731
+  # First step: SGD momentum from zero state moves by −0.1 u, u the SAM gradient.
+  new_params, opt_state, first = ns["train_step"](params, opt_state, batch)
+  want = jax.tree.map(lambda w, u: w - 0.1 * u, params, sam_gradient(loss_fn, params, 0.05))
+  chex.assert_trees_all_close(new_params, want, rtol=1e-5, atol=1e-6)
+  for _ in range(30):
+    new_params, opt_state, last = ns["train_step"](new_params, opt_state, batch)
+  assert float(last) < 0.5 * float(first)
+
+
+def test_sharpness_aware_composition_takes_the_pass_every_fifth_step():
+  ns = _run("policy=sam_optax.policies.every(5)", _mlp_namespace())
+  tx, params = ns["tx"], ns["params"]
+  loss_fn = lambda p: ns["loss"](p, ns["x"], ns["y"])  # noqa: E731
+  state = tx.init(params)
+  taken = []
+  for _ in range(6):
+    _, state = tx.update(jax.grad(loss_fn)(params), state, params, loss_fn=loss_fn)
+    taken.append(float(sam_optax.sam_stats(state).pass_taken))
+  assert taken == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+
+
+def test_shard_map_snippet_is_per_device_sam():
+  ns = _run("jax.shard_map(local_step", _mlp_namespace())
+  params, x, y, n = ns["params"], ns["x"], ns["y"], jax.device_count()
+  new_params, _ = ns["step"](params, ns["tx"].init(params), x, y)
+  # Per device: its own ε and perturbed gradient; their mean drives SGD.
+  shards = [
+      sam_gradient(lambda p, i=i: ns["loss"](p, *(a.reshape(n, -1, *a.shape[1:])[i] for a in (x, y))),
+                   params, 0.05)
+      for i in range(n)
+  ]
+  mean = jax.tree.map(lambda *g: sum(g) / n, *shards)
+  want = jax.tree.map(lambda w, u: w - 0.1 * u, params, mean)
+  chex.assert_trees_all_close(new_params, want, rtol=1e-5, atol=1e-6)
+
+
+def test_vmap_snippet_is_m_sharpness_on_one_device():
+  ns = _run('jax.vmap(member, axis_name="micro"', _mlp_namespace())
+  params, groups = ns["params"], 4
+  xg, yg = ns["x"].reshape(groups, 8, 8), ns["y"].reshape(groups, 8)
+  updates, _ = ns["update"](params, ns["tx"].init(params), xg, yg)
+  shards = [sam_gradient(lambda p, i=i: ns["loss"](p, xg[i], yg[i]), params, 0.05)
+            for i in range(groups)]
+  want = jax.tree.map(lambda *g: sum(g) / groups, *shards)
+  chex.assert_trees_all_close(updates, want, rtol=1e-5, atol=1e-6)
+
+
+def test_sharpness_diagnostics_snippet(monkeypatch):
+  pytest.importorskip("matplotlib")
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  ns = _mlp_namespace()
+  ns["loss_on"] = lambda p, x, y: ns["loss"](p, x, y)
+  ns["x_train"], ns["y_train"] = ns["x"], ns["y"]
+  _run("sharpness.hessian_top_eigenvalue(", ns)
+  flat, unravel = jax.flatten_util.ravel_pytree(ns["params"])
+  hessian = jax.hessian(lambda v: ns["loss_fn"](unravel(v)))(flat)
+  exact = np.sort(np.linalg.eigvalsh(np.asarray(hessian, np.float64)))[::-1]
+  np.testing.assert_allclose(np.asarray(ns["top"].eigenvalues), exact[:3], rtol=1e-3, atol=1e-5)
+  assert float(ns["worst"].sharpness) >= 0.0
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  plt.close("all")
+
+
+# ------------------------------------------------------------------- Flax
+
+flax = pytest.importorskip("flax")
+
+
+def _linen_namespace() -> dict[str, Any]:
+  import flax.linen as nn  # noqa: PLC0415
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      x = nn.BatchNorm(use_running_average=not train)(nn.Dense(16)(x))
+      x = nn.Dropout(0.3, deterministic=not train)(nn.relu(x))
+      return nn.Dense(3)(x)
+
+  model = Net()
+  x = jax.random.normal(jax.random.key(1), (32, 8))
+  y = jnp.arange(32) % 3
+  variables = model.init(jax.random.key(0), x, train=False)
+  return {
+      "jax": jax, "jnp": jnp, "optax": optax, "sam_optax": sam_optax, "Any": Any,
+      "model": model, "variables": variables, "x": x, "y": y,
+      "batch": {"x": x, "y": y}, "params": variables["params"],
+      "batch_stats": variables["batch_stats"], "dropout_key": jax.random.key(5),
+  }
+
+
+def test_batchnorm_snippet_keeps_the_clean_pass_statistics():
+  ns = _linen_namespace()
+  tx = optax.chain(sam_optax.sam(0.05), optax.sgd(0.1))
+  ns["tx"], ns["opt_state"] = tx, tx.init(ns["params"])
+  old_stats = ns["batch_stats"]
+  _run("batch_stats = new_batch_stats", ns)
+  # The statistics of the clean pass, computed here directly.
+  _, clean = ns["model"].apply(
+      {"params": ns["params"], "batch_stats": old_stats}, ns["x"], train=True,
+      mutable=["batch_stats"], rngs={"dropout": ns["dropout_key"]})
+  chex.assert_trees_all_close(ns["batch_stats"], clean["batch_stats"])
+  assert sam_optax.sam_stats(ns["opt_state"]).pass_taken == 1.0
+
+
+def test_linen_train_state_snippet():
+  pytest.importorskip("sam_optax.flax")
+  import sam_optax.flax  # noqa: F401, PLC0415
+
+  ns = _run("sam_optax.flax.linen_train_step(loss_fn)", _linen_namespace())
+  state = ns["state"]
+  assert int(state.step) == 1 and bool(jnp.isfinite(ns["loss"]))
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params, ns["variables"]["params"])
+  assert all(jax.tree.leaves(changed))
+  assert float(sam_optax.sam_stats(state.opt_state).pass_taken) == 1.0
+
+
+def _nnx_namespace(tmp_path) -> dict[str, Any]:
+  from flax import nnx  # noqa: PLC0415
+
+  import sam_optax.flax  # noqa: F401, PLC0415
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(8, 16, rngs=rngs)
+      self.bn = nnx.BatchNorm(16, rngs=rngs)
+      self.do = nnx.Dropout(0.3, rngs=rngs)
+      self.l2 = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(self.do(nnx.relu(self.bn(self.l1(x)))))
+
+  def loss_fn(model, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+  def make_model_and_optimizer():
+    model = Net(nnx.Rngs(0, dropout=1))
+    tx = optax.chain(sam_optax.sam(rho=0.05), optax.sgd(0.1, momentum=0.9))
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  return {
+      "jax": jax, "jnp": jnp, "optax": optax, "sam_optax": sam_optax, "nnx": nnx,
+      "model": Net(nnx.Rngs(0, dropout=1)), "loss_fn": loss_fn,
+      "x": jax.random.normal(jax.random.key(1), (32, 8)), "y": jnp.arange(32) % 3,
+      "make_model_and_optimizer": make_model_and_optimizer, "path": tmp_path,
+  }
+
+
+def test_nnx_snippets_train_and_checkpoint(tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  from flax import nnx  # noqa: PLC0415
+
+  ns = _nnx_namespace(tmp_path)
+  before = jax.tree.leaves(nnx.state(ns["model"], nnx.Param))  # the arrays, not the Params
+  _run("sam_optax.flax.nnx_train_step(loss_fn)", ns)
+  assert bool(jnp.isfinite(ns["loss"]))
+  after_one = jax.tree.leaves(nnx.state(ns["model"], nnx.Param))
+  assert all(bool(jnp.any(a != b)) for a, b in zip(after_one, before))
+  stats = sam_optax.sam_stats(ns["optimizer"].opt_state)
+  assert float(stats.pass_taken) == 1.0 and float(stats.perturbed_loss) > 0
+  _run("optimizer.update(model, grads, loss_fn=closure)", ns)
+  ns["loss"] = ns["train_step"](ns["model"], ns["optimizer"], ns["x"], ns["y"])
+  assert bool(jnp.isfinite(ns["loss"]))
+
+  # Save and restore: Linen state from the Linen snippet, NNX from above.
+  linen = _run("sam_optax.flax.linen_train_step(loss_fn)", _linen_namespace())
+  ns["state"], ns["ocp"] = linen["state"], ocp
+  saved_linen, saved_nnx = ns["state"], nnx.state((ns["model"], ns["optimizer"]))
+  _run("ckpt.save(path / \"linen\", state)", ns)
+  chex.assert_trees_all_equal(ns["state"].params, saved_linen.params)
+  chex.assert_trees_all_equal(
+      jax.tree.leaves(nnx.state((ns["model"], ns["optimizer"]))), jax.tree.leaves(saved_nnx)
+  )
