@@ -75,4 +75,9 @@ def sam_stats(opt_state: Any) -> Optional[SAMStats]:
   if not found:
     return None
   # Flax NNX keeps each array of `optimizer.opt_state` in a variable.
-  return SAMStats(*(getattr(x, "value", x) for x in found[0]))
+  return SAMStats(*(_unwrap(x) for x in found[0]))
+
+
+def _unwrap(x: Any) -> Any:
+  get_value = getattr(x, "get_value", None)  # an NNX variable
+  return get_value() if callable(get_value) else x
