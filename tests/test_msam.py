@@ -189,6 +189,53 @@ def test_zero_update_keeps_the_direction_of_the_perturbation():
       )
 
 
+def test_momentum_direction_matches_the_authors_adamw_msam():
+  # AdamW_MSAM: w̃ = w − ρ m/‖m‖ with m Adam's first moment (not
+  # bias-corrected; no perturbation while m = 0); the gradient at w̃ drives
+  # Adam at w.
+  params, loss_fn = problems.mlp_problem(seed=77)
+  lr, b1, b2, adam_eps, rho = 1e-2, 0.9, 0.999, 1e-8, 0.5
+  tx = sam_optax.msam(optax.adam(lr, b1, b2, adam_eps), rho=rho, direction="momentum")
+  step = jax.jit(_step_fn(tx, loss_fn))
+  p, s = params, tx.init(params)
+  w = flat(params)
+  m, v = np.zeros_like(w), np.zeros_like(w)
+  for t in range(1, 7):
+    p, s = step(p, s)
+    w_tilde = w - rho * m / _norm(m) if _norm(m) > 0 else w
+    g = grad_at(loss_fn, params, w_tilde)
+    m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+    w = w - lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + adam_eps)
+    np.testing.assert_allclose(flat(sam_optax.msam_unperturbed(p, s)), w, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(flat(p), w - rho * m / _norm(m), rtol=1e-4, atol=1e-6)
+
+
+def test_momentum_direction_follows_sgd_momentum_at_zero_learning_rate():
+  # The official SGD rule perturbs along v whatever the learning rate.
+  params, loss_fn = problems.mlp_problem(seed=78)
+  lrs, mu, rho = [0.05, 0.0, 0.05, 0.0], 0.9, 0.3
+  tx = sam_optax.msam(optax.sgd(lambda t: jnp.asarray(lrs)[t], momentum=mu), rho=rho,
+                      direction="momentum")
+  step = jax.jit(_step_fn(tx, loss_fn))
+  p, s = params, tx.init(params)
+  w, v = flat(params), np.zeros_like(flat(params))
+  for lr in lrs:
+    p, s = step(p, s)
+    w_tilde = w - rho * v / _norm(v) if _norm(v) > 0 else w
+    v = mu * v + grad_at(loss_fn, params, w_tilde)
+    w = w - lr * v
+    np.testing.assert_allclose(flat(sam_optax.msam_unperturbed(p, s)), w, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(flat(p), w - rho * v / _norm(v), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("opt", [optax.sgd(0.1), optax.chain(optax.adam(1e-3), optax.adam(1e-3))])
+def test_momentum_direction_needs_exactly_one_first_moment(opt):
+  params, _ = problems.mlp_problem()
+  tx = sam_optax.msam(opt, direction="momentum")
+  with pytest.raises(ValueError, match=r"`msam`: `direction='momentum'`.*exactly one"):
+    tx.init(params)
+
+
 # ------------------------------------------------------------- the contract
 
 
@@ -342,6 +389,7 @@ def test_rho_zero_is_the_base_optimizer_exactly(how, base):
         ({"rho": -1.0}, r"`msam`: `rho` must lie in \[0, inf\); got rho=-1.0"),
         ({"rho": "3"}, r"`msam`: `rho` must be a real number or a schedule"),
         ({"eps": 0.0}, r"`msam`: `eps` must lie in \(0, inf\); got eps=0.0"),
+        ({"direction": "adam"}, r"`msam`: `direction` must be one of 'update', 'momentum'"),
     ],
 )
 def test_invalid_hyperparameters(kwargs, match):

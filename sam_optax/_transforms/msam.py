@@ -63,6 +63,32 @@ def _find_state(opt_state: Any) -> MSAMState:
   return found[0]
 
 
+def _is_moment_state(x: Any) -> bool:
+  fields = getattr(x, "_fields", None)
+  return isinstance(x, tuple) and fields is not None and (
+      "mu" in fields or fields == ("trace",)
+  )
+
+
+def _first_moment(inner_state: Any) -> Any:
+  """The one first-moment buffer in an optimizer state (``mu`` or ``trace``)."""
+  found = [
+      leaf
+      for leaf in jax.tree.leaves(inner_state, is_leaf=_is_moment_state)
+      if _is_moment_state(leaf)
+  ]
+  if len(found) != 1:
+    raise ValueError(
+        "`msam`: `direction='momentum'` perturbs along the optimizer's first"
+        " moment, so its state must hold exactly one: the `mu` of an"
+        " Adam-type state (adam, adamw, lion, ...) or the `trace` of SGD"
+        f" momentum. It holds {len(found)}. Use `direction='update'` for"
+        " other optimizers."
+    )
+  state = found[0]
+  return state.mu if "mu" in state._fields else state.trace
+
+
 def _add(a: Any, b: Any, scale: float, like: Any) -> Any:
   """``a + scale * b`` leaf-wise, computed wide, cast to the dtypes of ``like``."""
 
@@ -71,6 +97,13 @@ def _add(a: Any, b: Any, scale: float, like: Any) -> Any:
     return (x.astype(wide) + scale * y.astype(wide)).astype(z.dtype)
 
   return jax.tree.map(leaf, a, b, like)
+
+
+def _move(u: Any, new: Any, old: Any) -> Any:
+  """``u + new - old`` computed wide: the update, then the change of offset."""
+  wide = tree.wide_dtype(jnp.promote_types(u.dtype, new.dtype))
+  moved = u.astype(wide) + new.astype(wide) - old.astype(wide)
+  return moved.astype(u.dtype)
 
 
 def msam_unperturbed(params: Any, opt_state: Any) -> Any:
@@ -117,6 +150,7 @@ def msam(
     rho: ScalarOrSchedule = 3.0,
     *,
     eps: float = 1e-12,
+    direction: str = "update",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Momentum-SAM: perturb along the momentum, for one gradient per step.
 
@@ -149,8 +183,11 @@ def msam(
   with a positive learning rate, :math:`u_t / \|u_t\| = -v_{t+1} /
   \|v_{t+1}\|`: the perturbation uses the momentum *after* the step, as in
   the official code. For other optimizers the perturbation follows their
-  update direction (for Adam, the preconditioned one; the authors'
-  AdamW variant uses the first moment instead). The norm is global over
+  update direction (for Adam, the preconditioned one). With
+  ``direction="momentum"`` the perturbation follows the optimizer's first
+  moment instead, :math:`\text{offset}_{t+1} = -\rho_t m_{t+1} / \|m_{t+1}\|`
+  (``mu`` of Adam-type states, ``trace`` of SGD momentum, not
+  bias-corrected), as in the authors' AdamW variant. The norm is global over
   all leaves, in at least float32.
 
   Where the update is exactly zero (a learning rate of 0 during a warm-up,
@@ -187,7 +224,10 @@ def msam(
     rho: perturbation radius, or a schedule of the step count. The authors'
       example commands use 3 for SGD and AdamW on CIFAR-100 and ImageNet,
       where they use 0.2 for SAM.
-    eps: added to the update's norm.
+    eps: added to the norm of the direction.
+    direction: ``"update"`` (default) perturbs along the optimizer's update,
+      ``"momentum"`` along its first moment (the authors' AdamW_MSAM); the
+      two agree for SGD momentum with a positive learning rate.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with an :class:`MSAMState`.
@@ -197,7 +237,9 @@ def msam(
 
   Raises:
     TypeError: if ``optimizer`` is not an ``optax.GradientTransformation``.
-    ValueError: if ``rho`` is negative or ``eps`` not positive.
+    ValueError: if ``rho`` is negative, ``eps`` not positive, ``direction``
+      unknown, or ``direction="momentum"`` and the optimizer's state does
+      not hold exactly one first moment (raised by ``init``).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -230,14 +272,18 @@ def msam(
     )
   validation.check_scalar("msam", "rho", rho, low=0.0, allow_schedule=True)
   validation.check_scalar("msam", "eps", eps, low=0.0, low_inclusive=False)
+  validation.check_option("msam", "direction", direction, ("update", "momentum"))
   inner = optax.with_extra_args_support(optimizer)
   static_rho = _static_number(rho)
 
   def init_fn(params: Any) -> MSAMState:
+    inner_state = inner.init(params)
+    if direction == "momentum":
+      _first_moment(inner_state)  # raises unless there is exactly one
     return MSAMState(
         count=jnp.zeros((), jnp.int32),
         offset=optax.tree.zeros_like(params),
-        inner_state=inner.init(params),
+        inner_state=inner_state,
         stats=SAMStats.zeros(),
     )
 
@@ -263,6 +309,12 @@ def msam(
     rho_t = jnp.asarray(rho(count) if callable(rho) else rho)
     if static_rho == 0.0:
       out, offset = step, state.offset
+    elif direction == "momentum":
+      moment = _first_moment(inner_state)
+      norm = tree.global_norm(moment)
+      scale = -rho_t.astype(norm.dtype) / (norm + eps)
+      offset = tree.cast_like(tree.scale_wide(moment, scale), state.offset)
+      out = jax.tree.map(_move, step, offset, state.offset)
     else:
       # Where the update is exactly zero (a learning rate of 0, the
       # accumulating micro-steps of an inner `optax.MultiSteps`) it has no
@@ -278,12 +330,7 @@ def msam(
       scale = rho_t.astype(norm.dtype) / (source_norm + eps)
       offset = tree.cast_like(tree.scale_wide(source, scale), state.offset)
 
-      def move(u, new, old):
-        wide = tree.wide_dtype(jnp.promote_types(u.dtype, new.dtype))
-        moved = u.astype(wide) + new.astype(wide) - old.astype(wide)
-        return moved.astype(u.dtype)
-
-      out = jax.tree.map(move, step, offset, state.offset)
+      out = jax.tree.map(_move, step, offset, state.offset)
     grad_norm = tree.global_norm(updates)
     stats = SAMStats.of(
         grad_norm=grad_norm,
