@@ -219,14 +219,13 @@ def build(
       out = tree.cast_like(out, updates)
       ok = jnp.isfinite(out_norm)
       bad = jnp.where(ok, 0 * one, one)
-      variant = jax.lax.cond(  # the state keeps its last finite value
-          ok,
-          lambda: axis.to_varying(new_variant),
-          lambda: axis.to_varying(variant),
+      # The state keeps its last finite value.
+      variant = tree.select(
+          ok, axis.to_varying(new_variant), axis.to_varying(variant)
       )
       if nonfinite == "propagate":
         return out, loss, variant, one, bad, out_norm
-      out = jax.tree.map(lambda o, c: jnp.where(ok, o, c), out, g)
+      out = tree.select(ok, out, g)
       took = jnp.where(ok, one, 0 * one)
       return (
           out,
@@ -273,12 +272,9 @@ def build(
       )
     # Where the clean gradient is not finite it is handed on unchanged (the
     # state too), so that `optax.apply_if_finite` skips the step.
-    if jax.tree.leaves(variant):
-      variant = jax.lax.cond(
-          finite,
-          lambda: axis.to_varying(variant),
-          lambda: axis.to_varying(state.variant),
-      )
+    variant = tree.select(
+        finite, axis.to_varying(variant), axis.to_varying(state.variant)
+    )
     out = axis.mean(out) if axis.active else out
     stats = SAMStats.of(
         grad_norm=grad_norm,

@@ -74,3 +74,12 @@ def add_scaled(params: PyTree, direction: PyTree, scale: jax.Array) -> PyTree:
 def cast_like(tree: PyTree, like: PyTree) -> PyTree:
   """Cast every leaf of ``tree`` to the dtype of the matching leaf of ``like``."""
   return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
+
+
+def select(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
+  """``on_true`` where the scalar ``pred`` holds, else ``on_false``, per leaf.
+
+  A select, not a conditional: both trees exist already, and nothing of the
+  unselected one (NaN included) reaches the result.
+  """
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
