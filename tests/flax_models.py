@@ -101,6 +101,19 @@ class NNXCNN(nnx.Module):
     return self.dense(x.mean(axis=(1, 2)))
 
 
+class TinyNet(nnx.Module):
+  """Linear, BatchNorm, dropout, linear: 4 features in, 2 classes out."""
+
+  def __init__(self, rngs):
+    self.linear = nnx.Linear(4, 6, rngs=rngs)
+    self.bn = nnx.BatchNorm(6, rngs=rngs)
+    self.dropout = nnx.Dropout(0.5, rngs=rngs)
+    self.out = nnx.Linear(6, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(self.dropout(self.bn(self.linear(x))))
+
+
 def batch(seed: int = 0, n: int = 8):
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(n, 6, 6, 1)).astype(np.float32)

@@ -122,21 +122,10 @@ def test_closure_by_hand_equals_train_step():
   assert float(stats.perturbed_loss) > 0
 
 
-class TinyNet(nnx.Module):
-  def __init__(self, rngs):
-    self.linear = nnx.Linear(4, 6, rngs=rngs)
-    self.bn = nnx.BatchNorm(6, rngs=rngs)
-    self.dropout = nnx.Dropout(0.5, rngs=rngs)
-    self.out = nnx.Linear(6, 2, rngs=rngs)
-
-  def __call__(self, x):
-    return self.out(self.dropout(self.bn(self.linear(x))))
-
-
 def test_eager_equals_jit():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 4)), jnp.float32)
   y = jnp.arange(8) % 2
-  models = [TinyNet(nnx.Rngs(0, dropout=1)) for _ in range(2)]
+  models = [fm.TinyNet(nnx.Rngs(0, dropout=1)) for _ in range(2)]
   optimizers = [nnx.Optimizer(m, sam_tx(), wrt=nnx.Param) for m in models]
   step = sam_optax.flax.nnx_train_step(ce_loss)
   step(models[0], optimizers[0], x, y)
@@ -147,7 +136,7 @@ def test_eager_equals_jit():
   )
   assert int(models[0].dropout.rngs.count[...]) == 1
   assert fm.max_abs_diff(
-      pure(models[0], nnx.BatchStat), pure(TinyNet(nnx.Rngs(0)), nnx.BatchStat)
+      pure(models[0], nnx.BatchStat), pure(fm.TinyNet(nnx.Rngs(0)), nnx.BatchStat)
   ) > 1e-4
 
 

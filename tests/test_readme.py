@@ -189,15 +189,9 @@ def _nnx_namespace(tmp_path) -> dict[str, Any]:
 
   import sam_optax.flax  # noqa: F401, PLC0415
 
-  class Net(nnx.Module):
-    def __init__(self, rngs):
-      self.l1 = nnx.Linear(8, 16, rngs=rngs)
-      self.bn = nnx.BatchNorm(16, rngs=rngs)
-      self.do = nnx.Dropout(0.3, rngs=rngs)
-      self.l2 = nnx.Linear(16, 3, rngs=rngs)
+  from tests import flax_models  # noqa: PLC0415
 
-    def __call__(self, x):
-      return self.l2(self.do(nnx.relu(self.bn(self.l1(x)))))
+  Net = flax_models.TinyNet
 
   def loss_fn(model, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
@@ -210,7 +204,7 @@ def _nnx_namespace(tmp_path) -> dict[str, Any]:
   return {
       "jax": jax, "jnp": jnp, "optax": optax, "sam_optax": sam_optax, "nnx": nnx,
       "model": Net(nnx.Rngs(0, dropout=1)), "loss_fn": loss_fn,
-      "x": jax.random.normal(jax.random.key(1), (32, 8)), "y": jnp.arange(32) % 3,
+      "x": jax.random.normal(jax.random.key(1), (32, 4)), "y": jnp.arange(32) % 2,
       "make_model_and_optimizer": make_model_and_optimizer, "path": tmp_path,
   }
 
