@@ -309,27 +309,20 @@ def msam(
     rho_t = jnp.asarray(rho(count) if callable(rho) else rho)
     if static_rho == 0.0:
       out, offset = step, state.offset
-    elif direction == "momentum":
-      moment = _first_moment(inner_state)
-      norm = tree.global_norm(moment)
-      scale = -rho_t.astype(norm.dtype) / (norm + eps)
-      offset = tree.cast_like(tree.scale_wide(moment, scale), state.offset)
-      out = jax.tree.map(_move, step, offset, state.offset)
     else:
-      # Where the update is exactly zero (a learning rate of 0, the
-      # accumulating micro-steps of an inner `optax.MultiSteps`) it has no
-      # direction: the perturbation keeps its own, rescaled to rho_t.
-      norm = tree.global_norm(step)
-      moving = norm > 0
-      source = jax.tree.map(
-          lambda u, o: jnp.where(moving, u, o.astype(u.dtype)),
-          step,
-          state.offset,
-      )
-      source_norm = jnp.where(moving, norm, tree.global_norm(state.offset))
-      scale = rho_t.astype(norm.dtype) / (source_norm + eps)
+      if direction == "momentum":  # offset = -rho m / |m|
+        source, sign = _first_moment(inner_state), -1.0
+        source_norm = tree.global_norm(source)
+      else:
+        # Where the update is exactly zero (a learning rate of 0, the
+        # accumulating micro-steps of an inner `optax.MultiSteps`) it has no
+        # direction: the perturbation keeps its own, rescaled to rho_t.
+        norm = tree.global_norm(step)
+        moving = norm > 0
+        source, sign = tree.select(moving, step, state.offset), 1.0
+        source_norm = jnp.where(moving, norm, tree.global_norm(state.offset))
+      scale = sign * rho_t.astype(source_norm.dtype) / (source_norm + eps)
       offset = tree.cast_like(tree.scale_wide(source, scale), state.offset)
-
       out = jax.tree.map(_move, step, offset, state.offset)
     grad_norm = tree.global_norm(updates)
     stats = SAMStats.of(
