@@ -8,9 +8,12 @@ import jax.numpy as jnp
 import optax
 import pytest
 
+import numpy as np
+
 import sam_optax
-from tests import problems
+from tests import oracles, problems
 from tests.contract import CASES
+from tests.reference import flat
 
 cases = pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 
@@ -22,6 +25,32 @@ def _step_fn(tx, loss_fn, **extra):
     return optax.apply_updates(params, updates), state
 
   return step
+
+
+def _sam_states(tree):
+  """Every :class:`sam_optax.SAMState` inside an optimizer state."""
+  return [
+      x
+      for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, sam_optax.SAMState))
+      if isinstance(x, sam_optax.SAMState)
+  ]
+
+
+def _nonfinite_count(state) -> int:
+  (found,) = _sam_states(state)
+  return int(found.nonfinite_count)
+
+
+def _recording(loss_fn, seen, tag=0):
+  """``loss_fn`` that also appends ``(tag, point)`` for every point it sees."""
+
+  def wrapped(p):
+    jax.debug.callback(
+        lambda t, q: seen.append((int(t), flat(q))), tag, p, ordered=True
+    )
+    return loss_fn(p)
+
+  return wrapped
 
 
 def _dtypes(tree):
@@ -128,17 +157,51 @@ def test_state_is_stable_through_cond(case):
 @cases
 @pytest.mark.parametrize("schedule", [False, True], ids=["const", "schedule"])
 def test_zero_gradient_gives_zero_update_not_nan(case, schedule):
+  """At a stationary point: an exact zero (finite for a random perturbation),
+  no step counted as non-finite, and the closure sees finite weights only."""
   params = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
   loss_fn = lambda p: sum(jnp.sum((x - 1.0) ** 2) for x in jax.tree.leaves(p))
-  sam_tx = case.with_rho_schedule(0.1) if schedule else case.make(rho=0.1)
-  tx = optax.chain(sam_tx, optax.adam(1e-2))
-  updates, state = jax.jit(_step_fn(tx, loss_fn))(params, tx.init(params))
-  for leaf in jax.tree.leaves(updates):
-    assert bool(jnp.all(jnp.isfinite(leaf)))
-  if case.zero_gradient_is_stationary:
-    chex.assert_trees_all_equal(updates, params)  # params unchanged
-  stats = sam_optax.sam_stats(state)
-  assert all(bool(jnp.isfinite(x)) for x in stats)
+  tx = case.with_rho_schedule(0.1) if schedule else case.make(rho=0.1)
+  seen = []
+  closure = _recording(loss_fn, seen)
+
+  @jax.jit
+  def step(state):
+    return tx.update(jax.grad(loss_fn)(params), state, params, loss_fn=closure)
+
+  state = tx.init(params)
+  for t in range(3):
+    updates, state = step(state)
+    for leaf in jax.tree.leaves(updates):
+      assert bool(jnp.all(jnp.isfinite(leaf))), f"step {t}"
+    if case.zero_gradient_is_stationary:
+      chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
+    assert _nonfinite_count(state) == 0, f"step {t}: a non-finite step was counted"
+    stats = sam_optax.sam_stats(state)
+    assert all(bool(jnp.isfinite(x)) for x in stats), stats
+  jax.effects_barrier()
+  assert seen, "the perturbed pass never ran"
+  for _, point in seen:
+    assert np.all(np.isfinite(point)), "the closure was called at non-finite weights"
+    if case.zero_gradient_is_stationary:  # nothing to perturb along
+      np.testing.assert_array_equal(point, flat(params))
+
+
+@cases
+def test_ordinary_steps_count_nothing_nonfinite(case):
+  """Several steps on the MLP: no step counted as non-finite, finite stats."""
+  params, loss_fn = problems.mlp_problem(seed=4)
+  seen = []
+  tx = optax.chain(case.make(), optax.sgd(0.1, momentum=0.9))
+  step = jax.jit(_step_fn(tx, _recording(loss_fn, seen)))
+  p, s = params, tx.init(params)
+  for _ in range(5):
+    p, s = step(p, s)
+  assert _nonfinite_count(s) == 0
+  assert all(bool(jnp.isfinite(x)) for x in sam_optax.sam_stats(s))
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(p))
+  jax.effects_barrier()
+  assert seen and all(np.all(np.isfinite(q)) for _, q in seen)
 
 
 @cases
@@ -201,3 +264,79 @@ def test_grad_fn_under_jit(case):
       grads, tx.init(params), params
   )
   chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------- numeric oracles
+
+ORACLE_STEPS = 4
+ORACLE_LR = 0.1
+
+
+def test_every_case_has_an_oracle():
+  assert {c.name for c in CASES} == set(oracles.ORACLES)
+
+
+def _growing(rho):
+  """A schedule that changes ρ at every step: ρ (1 + t/4)."""
+  return lambda count: rho * (1.0 + 0.25 * count)
+
+
+def _library_run(case, how, params, loss_fn, steps):
+  """The case's first ``steps`` with ``w ← w − lr u``: weights, outputs, points."""
+  rho = case.kwargs["rho"]
+  if how == "inject":
+    tx = optax.inject_hyperparams(case.factory)(**case.kwargs)
+  elif how == "schedule":
+    tx = case.make(rho=_growing(rho))
+  else:
+    tx = case.make()
+  seen = []
+
+  def step(carry, t):
+    p, s = carry
+    g = jax.grad(loss_fn)(p)
+    u, s = tx.update(g, s, p, loss_fn=_recording(loss_fn, seen, t))
+    new = jax.tree.map(lambda w, x: w - ORACLE_LR * x, p, u)
+    return (new, s), (p, u)
+
+  carry = (params, tx.init(params))
+  if how == "scan":
+    carry, (ws, us) = jax.jit(
+        lambda c: jax.lax.scan(step, c, jnp.arange(steps))
+    )(carry)
+    ws = [jax.tree.map(lambda x, t=t: x[t], ws) for t in range(steps)]
+    us = [jax.tree.map(lambda x, t=t: x[t], us) for t in range(steps)]
+  else:
+    jitted, ws, us = jax.jit(step), [], []
+    for t in range(steps):
+      carry, (w, u) = jitted(carry, jnp.asarray(t, jnp.int32))
+      ws.append(w)
+      us.append(u)
+  jax.effects_barrier()
+  points = [[q for tag, q in seen if tag == t] for t in range(steps)]
+  return [flat(w) for w in ws], [flat(u) for u in us], points, carry[1]
+
+
+@cases
+@pytest.mark.parametrize("how", ["jit", "scan", "schedule", "inject"])
+def test_first_steps_match_the_oracle(case, how):
+  """Each case's first steps against its float64 reference (tests/oracles.py):
+  the points the closure is evaluated at, and the outputs."""
+  params, loss_fn = problems.mlp_problem(seed=8)
+  rho = case.kwargs["rho"]
+  rho_at = _growing(rho) if how == "schedule" else (lambda t: rho)
+  ws, us, points, state = _library_run(case, how, params, loss_fn, ORACLE_STEPS)
+  want = oracles.run(
+      case.name, loss_fn, params, rho_at, ORACLE_STEPS, ORACLE_LR,
+      seen=list(zip(ws, points)),
+  )
+  for t, ref in enumerate(want):
+    msg = f"{case.name}/{how}, step {t}"
+    assert len(points[t]) == len(ref.points), (msg, len(points[t]), len(ref.points))
+    for got_point, ref_point in zip(points[t], ref.points):
+      assert np.all(np.isfinite(got_point)), msg
+      np.testing.assert_allclose(
+          got_point - ws[t], ref_point - ref.w, rtol=1e-5, atol=1e-6, err_msg=msg
+      )
+    np.testing.assert_allclose(us[t], ref.update, rtol=1e-5, atol=1e-6, err_msg=msg)
+  assert _nonfinite_count(state) == 0
