@@ -377,3 +377,181 @@ def test_group_size_must_divide_axis():
   tx = sam_optax.sam(RHO, axis_name="batch", group_size=3)
   with pytest.raises(ValueError, match="must divide"):
     _shard_map_update(tx)(params, tx.init(params), *batch)
+
+
+# ------------------------------------------- stateful variants under shard_map
+# Each member builds its perturbation from its (group's) clean gradient and the
+# agreed state, then updates that state locally; the agreed state for the next
+# step is the mean of the members' float states (booleans from member 0).
+
+
+def _unit(v):
+  n = np.linalg.norm(v)
+  return v / n if n > 0 else np.zeros_like(v)
+
+
+class _VaSSO:
+  """Li & Giannakis 2023: d_t = (1-θ) d_{t-1} + θ g_t (d_0 = g_0)."""
+
+  theta = 0.9
+  make = staticmethod(lambda **kw: sam_optax.vasso(RHO, theta=0.9, **kw))
+
+  def init(self, n):
+    return {"d": np.zeros(n)}
+
+  def direction(self, t, g, st):
+    d = g if t == 0 else (1 - self.theta) * st["d"] + self.theta * g
+    return {"d": d}, _unit(d)
+
+  def combine(self, t, g, g_p, st):
+    return g_p, st
+
+  @staticmethod
+  def library_state(state):
+    return {"d": flat(state.variant.perturbation.d)}
+
+
+class _FriendlySAM:
+  """Li et al. 2024: d = g - σ m_{t-1}, m_t = λ m_{t-1} + (1-λ) g (d = m = g at 0)."""
+
+  sigma, lam = 1.0, 0.6
+  make = staticmethod(lambda **kw: sam_optax.friendly_sam(RHO, sigma=1.0, lam=0.6, **kw))
+
+  def init(self, n):
+    return {"m": np.zeros(n)}
+
+  def direction(self, t, g, st):
+    if t == 0:
+      return {"m": g}, _unit(g)
+    m = self.lam * st["m"] + (1 - self.lam) * g
+    return {"m": m}, _unit(g - self.sigma * st["m"])
+
+  def combine(self, t, g, g_p, st):
+    return g_p, st
+
+  @staticmethod
+  def library_state(state):
+    return {"m": flat(state.variant.perturbation.momentum)}
+
+
+class _LookSAM:
+  """Liu et al. 2022 with k = 2: g_v stored on steps 0, 2, ...; reused between."""
+
+  k, alpha = 2, 0.7
+  make = staticmethod(lambda **kw: sam_optax.looksam(RHO, k=2, alpha=0.7, **kw))
+
+  def init(self, n):
+    return {"g_v": np.zeros(n)}
+
+  def direction(self, t, g, st):
+    return st, (_unit(g) if t % self.k == 0 else None)
+
+  def combine(self, t, g, g_p, st):
+    if g_p is None:
+      g_v = st["g_v"]
+      return g + self.alpha * np.linalg.norm(g) / np.linalg.norm(g_v) * g_v, st
+    return g_p, {"g_v": g_p - (g_p @ g) / (g @ g) * g}
+
+  @staticmethod
+  def library_state(state):
+    return {"g_v": flat(state.variant.direction.g_v)}
+
+
+class _FisherMask:
+  """Zhong et al. 2022: M = top half of Σ g² since the last refresh (every 2 steps)."""
+
+  every = 2
+  make = staticmethod(
+      lambda **kw: sam_optax.fisher_masked_sam(RHO, sparsity=0.5, refresh_every=2, **kw)
+  )
+
+  def init(self, n):
+    return {"mask": np.zeros(n), "score": np.zeros(n)}
+
+  def direction(self, t, g, st):
+    score, mask = st["score"] + g * g, st["mask"]
+    if t % self.every == 0:
+      k = int(np.round(0.5 * score.size))
+      mask = np.zeros(score.size)
+      mask[np.argsort(-score, kind="stable")[:k]] = 1.0
+      score = np.zeros_like(score)
+    return {"mask": mask, "score": score}, mask * g / np.linalg.norm(g)
+
+  def combine(self, t, g, g_p, st):
+    return g_p, st
+
+  @staticmethod
+  def library_state(state):
+    s = state.variant.perturbation
+    return {
+        "mask": flat(jax.tree.map(lambda m: m.astype(jnp.float32), s.mask)),
+        "score": flat(s.score),
+    }
+
+
+STATEFUL = {"vasso": _VaSSO, "friendly_sam": _FriendlySAM, "looksam": _LookSAM,
+            "fisher_masked_sam": _FisherMask}
+STATEFUL_LR = 0.2
+
+
+def stateful_reference(variant, params, batch, groups, steps, per=PER):
+  """Outputs and agreed states of ``steps`` steps with ``w ← w − lr u`` (float64)."""
+  w = flat(params)
+  state = variant.init(w.size)
+  shards = [s for group in groups for s in group]
+  outs, states = [], []
+  for t in range(steps):
+    local = {s: grad_at(_shard_loss(batch, s, per), params, w) for s in shards}
+    total, members = np.zeros_like(w), []
+    for group in groups:
+      g = np.mean([local[s] for s in group], axis=0)
+      member, d = variant.direction(t, g, state)
+      for s in group:
+        g_p = None if d is None else grad_at(_shard_loss(batch, s, per), params, w + RHO * d)
+        out, new = variant.combine(t, g, g_p, member)
+        total += out
+        members.append(new)
+    state = {
+        key: members[0][key] if key == "mask" else np.mean([m[key] for m in members], axis=0)
+        for key in state
+    }
+    u = total / len(shards)
+    outs.append(u)
+    states.append(state)
+    w = w - STATEFUL_LR * u
+  return outs, states
+
+
+@pytest.mark.parametrize("mode", ["per_device", "group=2"])
+@pytest.mark.parametrize("name", sorted(STATEFUL))
+def test_stateful_variants_under_shard_map_match_per_shard_reference(name, mode):
+  """Three steps: the outputs and the agreed state (the members' mean)."""
+  variant = STATEFUL[name]()
+  params, batch = problems.mlp_params(2), _batch()
+  tx = variant.make(axis_name="batch", **_options(mode))
+  update = _shard_map_update(tx)
+  want_u, want_state = stateful_reference(variant, params, batch, _groups(mode), 3)
+  state = tx.init(params)
+  for t in range(3):
+    u, state = update(params, state, *batch)
+    msg = f"{name}/{mode}, step {t}"
+    np.testing.assert_allclose(flat(u), want_u[t], rtol=1e-4, atol=1e-6, err_msg=msg)
+    got = variant.library_state(state)
+    assert set(got) == set(want_state[t])
+    for key in got:
+      np.testing.assert_allclose(
+          got[key], want_state[t][key], rtol=1e-4, atol=1e-6, err_msg=f"{msg}: {key}"
+      )
+    assert int(state.nonfinite_count) == 0
+    for leaf in jax.tree.leaves(state):
+      assert leaf.sharding.is_fully_replicated
+    params = jax.tree.map(lambda p, x: p - STATEFUL_LR * x, params, u)
+
+
+def test_the_members_states_differ_so_the_mean_matters():
+  """Per-device VaSSO averages differ from member 0's: the agreed mean is testable."""
+  variant = _VaSSO()
+  params, batch = problems.mlp_params(2), _batch()
+  g0 = grad_at(_shard_loss(batch, 0), params, flat(params))
+  _, states = stateful_reference(variant, params, batch, _groups("per_device"), 1)
+  assert np.linalg.norm(states[0]["d"] - g0) > 0.1 * np.linalg.norm(g0)
