@@ -42,6 +42,95 @@ def test_json_structure(quick):
   checks = {(f["model"], f["check"]) for f in saved["floors"]}
   assert len(checks) == 3 * 8
   assert all(isinstance(f["passed"], bool) for f in saved["floors"])
+  _check_floors_against_figures(saved)
+
+
+# The floors of the module docstring, written out here independently.
+_LIMITS = {
+    "sam FLOPs / base": 2.02,
+    "sam time / base": 2.1,
+    "sam time / contrib time": 1.0,
+    "sam temp memory": 0.05,
+    "looksam (k=5) amortized time": 1.3,
+    "looksam (k=5) amortized FLOPs": 1.3,
+    "msam time": 1.1,
+    "msam FLOPs": 1.1,
+}
+
+
+def _figure(model, check):
+  """The recorded figure a floor is computed from, and the bound it must meet."""
+  rows = {r["name"]: r for r in model["rows"]}
+  sam, peer = rows.get(overhead.SAM), rows.get(overhead.PEER)
+  look, msam = rows.get(overhead.LOOKSAM), rows.get(overhead.MSAM)
+  if check.startswith("sam FLOPs"):
+    return sam["flops_ratio"], sam["flops_ratio"]
+  if check.startswith("sam time / base"):
+    return sam["time_ratio"], sam["time_ratio"]
+  if check.startswith("sam time / contrib"):  # passes when the 95% CI reaches 1
+    cmp = model["sam_vs_peer_time"]
+    return cmp["median"], cmp["ci95"][0]
+  if check.startswith("sam temp memory"):
+    extra = (sam["temp_bytes"] - peer["temp_bytes"]) / model["param_bytes"]
+    return extra, extra
+  if check.startswith("looksam (k=5) amortized time"):
+    return look["time_ratio"], look["time_ratio"]
+  if check.startswith("looksam (k=5) amortized FLOPs"):
+    return look["flops_ratio_amortized"], look["flops_ratio_amortized"]
+  if check.startswith("msam time"):
+    return msam["time_ratio"], msam["time_ratio"]
+  if check.startswith("msam FLOPs"):
+    return msam["flops_ratio"], msam["flops_ratio"]
+  raise AssertionError(f"unknown floor {check!r}")
+
+
+def _check_floors_against_figures(result):
+  """Every floor's value, limit and flag follow from the recorded figures."""
+  models = {m["name"]: m for m in result["models"]}
+  for f in result["floors"]:
+    model = models[f["model"]]
+    (limit,) = [v for k, v in _LIMITS.items() if f["check"].startswith(k)]
+    value, compared = _figure(model, f["check"])
+    assert f["value"] == pytest.approx(value, rel=1e-12, abs=1e-12), f
+    assert f["limit"] == limit, f
+    assert f["passed"] is bool(compared <= limit), f
+
+
+def _synthetic_model(scale):
+  """Figures on both sides of every floor (``scale`` > 1 fails them all)."""
+  row = lambda name, **kw: {"name": name, **kw}  # noqa: E731
+  return {
+      "name": f"synthetic x{scale}",
+      "param_bytes": 1000,
+      "rows": [
+          row(overhead.BASE, flops_ratio=1.0, time_ratio=1.0, temp_bytes=0),
+          row(overhead.SAM, flops_ratio=2.0 * scale, time_ratio=2.0 * scale,
+              temp_bytes=1000 + 40 * scale**4),
+          row(overhead.PEER, flops_ratio=2.0, time_ratio=2.0, temp_bytes=1000),
+          row(overhead.LOOKSAM, time_ratio=1.25 * scale,
+              flops_ratio_amortized=1.25 * scale),
+          row(overhead.MSAM, time_ratio=1.05 * scale, flops_ratio=1.05 * scale),
+      ],
+      "sam_vs_peer_time": {"median": 0.99 * scale, "ci95": [0.98 * scale, 1.1]},
+  }
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.03, 1.1])
+def test_floor_flags_follow_from_the_figures(scale):
+  """``overhead.floors`` on made-up figures (no timing): each flag is the
+  comparison of its figure with the documented bound."""
+  model = _synthetic_model(scale)
+  found = overhead.floors(model)
+  assert len(found) == 8
+  _check_floors_against_figures({"models": [model], "floors": found})
+  if scale == 1.0:
+    assert all(f["passed"] for f in found)
+  if scale == 1.1:
+    assert not any(f["passed"] for f in found)
+  assert {k: v for k, v in overhead.FLOOR.items()} == {
+      "sam_flops": 2.02, "sam_time": 2.1, "looksam": 1.3, "msam": 1.1
+  }
+  assert overhead.MEMORY_SLACK == 0.05
 
 
 def test_deterministic_figures(quick):
