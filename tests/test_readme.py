@@ -234,3 +234,22 @@ def test_nnx_snippets_train_and_checkpoint(tmp_path):
   chex.assert_trees_all_equal(
       jax.tree.leaves(nnx.state((ns["model"], ns["optimizer"]))), jax.tree.leaves(saved_nnx)
   )
+
+
+def test_schedule_free_and_sophia_snippet():
+  ns = _run("schedule_free_eval_params(opt_state[1], trained)", _mlp_namespace())
+  params, loss_fn = ns["params"], ns["loss_fn"]
+  u = sam_gradient(loss_fn, params, 0.05)
+  # Schedule-free AdamW fed the SAM gradient, evaluated at its own eval point.
+  base = optax.contrib.schedule_free_adamw(1e-3)
+  updates, state = base.update(u, base.init(params), params)
+  trained = optax.apply_updates(params, updates)
+  chex.assert_trees_all_close(ns["trained"], trained, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(
+      ns["eval_params"], optax.contrib.schedule_free_eval_params(state, trained),
+      rtol=1e-5, atol=1e-7,
+  )
+  # Sophia fed the SAM gradient, its Hessian estimated from obj_fn at params.
+  sophia = optax.contrib.sophia(1e-3)
+  want, _ = sophia.update(u, sophia.init(params), params, obj_fn=loss_fn)
+  chex.assert_trees_all_close(ns["updates"], want, rtol=1e-5, atol=1e-7)

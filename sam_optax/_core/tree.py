@@ -32,10 +32,25 @@ def global_norm(tree: PyTree) -> jax.Array:
   return jnp.sqrt(sum(sq[1:], sq[0]))
 
 
+def _leaf_vdot(x: jax.Array, y: jax.Array) -> jax.Array:
+  x, y = x.astype(wide_dtype(x.dtype)), y.astype(wide_dtype(y.dtype))
+  if jnp.iscomplexobj(x):
+    x = jnp.conj(x)
+  # An element-wise product and a full reduction, not `jnp.vdot`: vdot
+  # flattens its operands, a reshape that JAX's explicit sharding rejects
+  # for an array sharded over a mesh axis; a sum keeps every layout.
+  return jnp.sum(x * y).real
+
+
 def vdot(a: PyTree, b: PyTree) -> jax.Array:
-  """Real inner product over all leaves, accumulated in at least float32."""
+  """Real inner product over all leaves, accumulated in at least float32.
+
+  ``Re Σ conj(a) b`` per leaf, summed over leaves; no leaf is reshaped, so
+  parameters sharded over a mesh (explicit sharding included) stay as they
+  are.
+  """
   parts = [
-      jnp.vdot(x.astype(wide_dtype(x.dtype)), y.astype(wide_dtype(y.dtype))).real
+      _leaf_vdot(x, y)
       for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
   ]
   if not parts:

@@ -265,7 +265,10 @@ def fisher_mask(
   inner = l2(eps)
 
   def init(params):
-    mask = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.bool_), params)
+    # zeros_like keeps each parameter's sharding, which the refreshed mask
+    # (resharded like its score) has too: under explicit sharding the two
+    # branches of the refresh conditional must agree.
+    mask = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.bool_), params)
     acc = tree.widen(optax.tree.zeros_like(params)) if accumulate else ()
     return FisherMaskState(mask=mask, score=acc)
 

@@ -84,8 +84,9 @@ def _build_masked(
   )
 
   def init(params: Any) -> Any:
-    resolved = masking.resolve(caller, "mask", mask, params)
-    _check_mask_leaves(caller, resolved, params, hint)
+    if not masking.is_placeholder(params):  # see `masking.is_placeholder`
+      resolved = masking.resolve(caller, "mask", mask, params)
+      _check_mask_leaves(caller, resolved, params, hint)
     return masked.init(params)
 
   return sharpness_aware(
