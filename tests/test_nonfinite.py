@@ -1,13 +1,13 @@
 """Non-finite gradients and loss scaling: what every transform hands on.
 
-* A non-finite *clean* gradient is handed on unchanged, the loss closure is
+* A non-finite *clean* gradient is handed on as NaN, the loss closure is
   never evaluated at a non-finite point and the variant's state is kept, so
   that ``optax.apply_if_finite`` around the chain skips and counts the step
   (and restores the whole optimizer state).
-* A non-finite *perturbed* gradient (the clean one being finite) hands on
-  the clean gradient and counts the step in ``SAMState.nonfinite_count``
-  (``nonfinite="fallback"``, the default), or hands on the non-finite
-  gradient (``"propagate"``). ``optax.apply_if_finite`` tests the gradient
+* A non-finite *perturbed* gradient (the clean one being finite) is counted
+  in ``SAMState.nonfinite_count`` and hands on a zero gradient
+  (``nonfinite="skip"``, the default), the clean gradient (``"fallback"``),
+  or the non-finite gradient (``"propagate"``). ``optax.apply_if_finite`` tests the gradient
   it receives, so to skip such steps it must come *after* the transform:
   ``chain(sam(rho, nonfinite="propagate"), apply_if_finite(base, n))``;
   around the whole chain it sees only the (finite) clean gradient.
@@ -211,12 +211,14 @@ def _poisonable_step(tx, loss_fn):
   return step
 
 
-@cases
-def test_nonfinite_perturbed_gradient_falls_back_to_the_clean_one(case):
+@propagating
+@pytest.mark.parametrize("policy", ["skip", "fallback"])
+def test_nonfinite_perturbed_gradient_is_skipped_or_falls_back(make, policy):
   params, loss_fn = problems.mlp_problem(seed=6)
   grads = jax.grad(loss_fn)(params)
+  kwargs = {} if policy == "skip" else {"nonfinite": policy}  # skip: default
   tx = optax.apply_if_finite(
-      optax.chain(case.make(), optax.sgd(0.1)), max_consecutive_errors=5
+      optax.chain(make(**kwargs), optax.sgd(0.1)), max_consecutive_errors=5
   )
   step = _poisonable_step(tx, loss_fn)
   # The pass is taken on this step, or the checks below could not fail.
@@ -226,8 +228,10 @@ def test_nonfinite_perturbed_gradient_falls_back_to_the_clean_one(case):
 
   updates, state = step(params, tx.init(params), True)
   sam_state = state.inner_state[0]
-  # An SGD step on the clean gradient: the clean gradient was handed on.
-  want = jax.tree.map(lambda g: -0.1 * np.asarray(g, np.float64), grads)
+  if policy == "fallback":  # an SGD step on the clean gradient
+    want = jax.tree.map(lambda g: -0.1 * np.asarray(g, np.float64), grads)
+  else:  # no step at all
+    want = jax.tree.map(lambda g: np.zeros(np.shape(g)), grads)
   chex.assert_trees_all_close(updates, want, rtol=1e-5, atol=1e-9)
   assert int(sam_state.nonfinite_count) == 1
   assert float(sam_state.stats.pass_taken) == 0.0
@@ -236,9 +240,10 @@ def test_nonfinite_perturbed_gradient_falls_back_to_the_clean_one(case):
   assert int(state.total_notfinite) == 0  # not a step to skip
 
 
-def test_fallback_count_accumulates():
+@pytest.mark.parametrize("policy", ["skip", "fallback"])
+def test_nonfinite_count_accumulates(policy):
   params, loss_fn = problems.mlp_problem(seed=7)
-  tx = sam_optax.sam(0.05)
+  tx = sam_optax.sam(0.05, nonfinite=policy)
   step = _poisonable_step(tx, loss_fn)
   state = tx.init(params)
   grads = jax.grad(loss_fn)(params)
@@ -248,8 +253,10 @@ def test_fallback_count_accumulates():
     out, state = step(params, state, poison)
     counts.append(int(state.nonfinite_count))
     taken.append(float(state.stats.pass_taken))
-    if poison:  # the clean gradient (computed inside `jit` there)
+    if poison and policy == "fallback":  # the clean gradient
       chex.assert_trees_all_close(out, grads, rtol=1e-5, atol=1e-9)
+    elif poison:  # a zero gradient
+      chex.assert_trees_all_equal(out, jax.tree.map(jnp.zeros_like, grads))
     else:
       chex.assert_trees_all_close(out, want, rtol=1e-5, atol=1e-7)
   assert counts == [1, 1, 2, 3, 3]

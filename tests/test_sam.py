@@ -152,15 +152,16 @@ def test_rho_schedule_counts_sam_steps_from_zero():
   np.testing.assert_allclose(sam_optax.sam_stats(state).rho, float(schedule(5)))
 
 
-def test_schedule_at_zero_skips_perturbed_pass():
+def test_schedule_at_zero_is_the_gradient_at_w_and_no_sam_step():
   params, loss_fn = problems.mlp_problem()
   grads = jax.grad(loss_fn)(params)
   tx = sam_optax.sam(lambda count: 0.0 * count)
   updates, state = jax.jit(lambda g, s, p: tx.update(g, s, p, loss_fn=loss_fn))(
       grads, tx.init(params), params
   )
-  chex.assert_trees_all_equal(updates, grads)
+  chex.assert_trees_all_close(updates, grads, rtol=1e-6, atol=1e-8)
   assert float(state.stats.perturbed_loss) == 0.0
+  assert float(state.stats.pass_taken) == 0.0
 
 
 def test_with_sam_matches_reference():

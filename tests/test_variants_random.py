@@ -167,7 +167,7 @@ def test_rwp_zero_gradient_still_perturbs():
   assert all(bool(jnp.isfinite(x)) for x in sam_optax.sam_stats(state))
 
 
-def test_rwp_gamma_schedule_skips_the_pass_where_zero():
+def test_rwp_gamma_schedule_at_zero_is_the_gradient_at_w():
   params, loss_fn = problems.mlp_problem(seed=52)
   calls = []
   tx = sam_optax.rwp(lambda t: jnp.where(t % 2 == 0, 0.0, 0.05), 0.5)
@@ -179,9 +179,9 @@ def test_rwp_gamma_schedule_skips_the_pass_where_zero():
     u, s = step(g, s)
     jax.effects_barrier()
     assert float(sam_optax.sam_stats(s).pass_taken) == t % 2
-    if t % 2 == 0:
-      chex.assert_trees_all_equal(u, g)
-  assert len(calls) == 3
+    if t % 2 == 0:  # no noise at gamma = 0: the gradient at w itself
+      chex.assert_trees_all_close(u, g, rtol=1e-6, atol=1e-8)
+  assert len(calls) == 6  # one pass per step: no conditional around it
 
 
 @pytest.mark.parametrize(

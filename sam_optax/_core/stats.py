@@ -18,11 +18,14 @@ class SAMStats(NamedTuple):
       ``update`` (the sharpness-aware direction).
     perturbed_loss: the loss at the perturbed parameters ``w + ε``, when a
       ``loss_fn`` was given and the perturbed pass ran; 0 otherwise (with
-      ``grad_fn``, or on steps that skip the pass, such as ``rho == 0``).
+      ``grad_fn``, or on steps without a sharpness-aware pass, such as
+      ``rho == 0``).
     rho: the perturbation radius used at that step.
-    pass_taken: 1.0 if the perturbed forward/backward pass ran at that step,
-      0.0 if it was skipped (``rho == 0``, or a variant's own schedule such as
-      LookSAM's). Its mean over steps is the fraction of SAM steps.
+    pass_taken: 1.0 if the step was sharpness-aware: the perturbed
+      forward/backward pass ran with ``rho > 0`` and gave a finite gradient;
+      0.0 otherwise (``rho == 0``, a step skipped by a variant's own schedule
+      such as LookSAM's or by ``sam_pass=False``, or a non-finite result).
+      Its mean over steps is the fraction of SAM steps.
   """
 
   grad_norm: jax.Array

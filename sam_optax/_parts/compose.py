@@ -51,9 +51,12 @@ def rule(
       sub = perturbation.prepare(g, params, state.perturbation, count)
       return state._replace(perturbation=sub)
 
-  def combine(g, g_p, params, state):
-    out, sub = direction.combine(g, g_p, params, state.direction)
-    return out, state._replace(direction=sub)
+  combine = None  # SAM's output, g_p: the pipeline frees g before the pass
+  if direction.combine is not None:
+
+    def combine(g, g_p, params, state):
+      out, sub = direction.combine(g, g_p, params, state.direction)
+      return out, state._replace(direction=sub)
 
   def fallback(g, params, state):
     out, sub = direction.fallback(g, params, state.direction)
@@ -84,9 +87,9 @@ def sharpness_aware(
     policy: Optional[Policy] = None,
     mask: masking.MaskOrFn = None,
     eps: float = 1e-12,
-    num_ascent_steps: int = 1,
+    num_ascent_steps: Optional[int] = None,
     renormalize: bool = False,
-    nonfinite: str = "fallback",
+    nonfinite: str = "skip",
     axis_name: Optional[AxisName] = None,
     sync_perturbation: bool = False,
     group_size: Optional[int] = None,

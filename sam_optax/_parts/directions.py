@@ -7,7 +7,7 @@ perturbed pass, ``fallback`` on steps a policy skips.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +25,13 @@ class Direction(NamedTuple):
 
   Attributes:
     init: ``params -> state``.
-    combine: ``(g, g_p, params, state) -> (out, state)``.
+    combine: ``(g, g_p, params, state) -> (out, state)``, or ``None`` for
+      SAM's output ``g_p`` (the pipeline then frees ``g`` before the pass).
     fallback: ``(g, params, state) -> (out, state)`` on skipped steps.
   """
 
   init: Callable[[PyTree], PyTree]
-  combine: Callable[..., tuple[PyTree, PyTree]]
+  combine: Optional[Callable[..., tuple[PyTree, PyTree]]]
   fallback: Callable[..., tuple[PyTree, PyTree]]
 
 
@@ -42,11 +43,7 @@ def _clean(g, params, state):
 def perturbed() -> Direction:
   """SAM's output: the perturbed gradient ``g_p``; skipped steps return ``g``."""
 
-  def combine(g, g_p, params, state):
-    del g, params
-    return g_p, state
-
-  return Direction(lambda params: optax.EmptyState(), combine, _clean)
+  return Direction(lambda params: optax.EmptyState(), None, _clean)
 
 
 def mix(alpha: float = 0.5) -> Direction:

@@ -26,7 +26,7 @@ def ae_sam(
     total_steps: int,
     eps: float = 1e-12,
     renormalize: bool = False,
-    nonfinite: str = "fallback",
+    nonfinite: str = "skip",
     axis_name: Optional[AxisName] = None,
     sync_perturbation: bool = False,
     group_size: Optional[int] = None,

@@ -108,7 +108,7 @@ def esam(
     *,
     key: KeyLike = 0,
     eps: float = 1e-12,
-    nonfinite: str = "fallback",
+    nonfinite: str = "skip",
     axis_name: Optional[AxisName] = None,
     sync_perturbation: bool = False,
     group_size: Optional[int] = None,
@@ -169,8 +169,8 @@ def esam(
 
   A scalar ``loss_fn`` is a batch of one: SDS then keeps it. With
   ``grad_fn=`` instead of ``loss_fn=`` there are no per-example losses and
-  only SWP applies (as with ``gamma = 1``). ``rho == 0`` returns ``g``
-  unchanged and skips the pass.
+  only SWP applies (as with ``gamma = 1``). ``rho == 0`` as a Python number
+  returns ``g`` unchanged and compiles no pass.
 
   Args:
     rho: perturbation radius or a schedule of the step count.

@@ -24,7 +24,7 @@ def looksam(
     *,
     eps: float = 1e-12,
     renormalize: bool = False,
-    nonfinite: str = "fallback",
+    nonfinite: str = "skip",
     axis_name: Optional[AxisName] = None,
     sync_perturbation: bool = False,
     group_size: Optional[int] = None,
@@ -40,8 +40,9 @@ def looksam(
     g_v = g_s - \frac{g_s \cdot g}{\|g\|^2}\, g
         = g_s - \|g_s\| \cos(g, g_s) \frac{g}{\|g\|}.
 
-  On the other steps it skips the second pass (``jax.lax.cond`` runs one
-  branch) and returns
+  On the other steps it skips the second pass (``jax.lax.switch`` runs one
+  branch; or, with ``sam_pass`` from the training loop, two compiled
+  programs and no conditional, see :func:`sam_optax.sam`) and returns
 
   .. math::
 

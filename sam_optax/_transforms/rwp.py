@@ -33,7 +33,7 @@ def rwp(
     *,
     key: KeyLike = 0,
     filter_axis: str = "last",
-    nonfinite: str = "fallback",
+    nonfinite: str = "skip",
     axis_name: Optional[AxisName] = None,
     sync_perturbation: bool = False,
     group_size: Optional[int] = None,
@@ -62,9 +62,9 @@ def rwp(
 
   A fresh :math:`\epsilon` is drawn at every step from the key in the state.
   The noise does not depend on the gradient, so the perturbation does not
-  vanish when ``g = 0``. ``gamma == 0`` returns ``g`` unchanged and skips the
-  second pass (at trace time for a Python number, with ``jax.lax.cond``
-  otherwise).
+  vanish when ``g = 0``. ``gamma == 0`` as a Python number returns ``g``
+  unchanged and compiles no second pass; a scheduled or traced ``gamma``
+  runs the pass on every step (no conditional).
 
   It is the composition :func:`sam_optax.sharpness_aware` ``(gamma,
   perturbation=perturbations.random(key, filter_axis=filter_axis),

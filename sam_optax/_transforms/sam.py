@@ -25,9 +25,9 @@ def sam(
     rho: ScalarOrSchedule = 0.05,
     *,
     eps: float = 1e-12,
-    num_ascent_steps: int = 1,
+    num_ascent_steps: Optional[int] = None,
     renormalize: bool = False,
-    nonfinite: str = "fallback",
+    nonfinite: str = "skip",
     axis_name: Optional[AxisName] = None,
     sync_perturbation: bool = False,
     group_size: Optional[int] = None,
@@ -48,8 +48,8 @@ def sam(
   gradient gives a zero perturbation (never NaN).
 
   ``update(grads, state, params, *, loss_fn=None, grad_fn=None,
-  loss_scale=None)`` receives the clean gradient :math:`g` at ``params`` and
-  needs one of
+  loss_scale=None, sam_pass=None)`` receives the clean gradient :math:`g` at
+  ``params`` and needs one of
 
   * ``loss_fn``: ``params -> loss`` or ``params -> (loss, aux)``. ``aux`` is
     discarded, which is how BatchNorm statistics of the perturbed pass are
@@ -57,12 +57,21 @@ def sam(
   * ``grad_fn``: ``params -> grads``, when gradients are built by hand (loss
     scaling, accumulation, code written for ``optax.contrib.sam``).
 
-  It costs one extra forward and backward pass per step. Steps with
-  ``rho == 0`` (for instance the first steps of a warm-up schedule) return
-  ``g`` unchanged and, when ``rho`` is a Python number, skip the pass at
-  trace time; a traced or scheduled ``rho`` uses ``jax.lax.cond``, which runs
-  only the branch taken (under ``jax.vmap`` both branches run and one is
-  selected; nothing is blended arithmetically).
+  It costs one extra forward and backward pass per step, with no
+  conditional in the compiled step: a traced, scheduled or injected ``rho``
+  compiles to the same program as a number. A step with ``rho == 0`` (for
+  instance the first step of a warm-up schedule) evaluates the gradient at
+  ``w`` itself, so it equals ``g`` up to rounding; only a Python ``0``
+  removes the pass from the program.
+
+  **Choosing the pass per step.** ``sam_pass``, an optional extra argument of
+  ``update``, is a Python bool fixed when the step is traced: ``False`` hands
+  on the clean gradient without the pass, ``True`` takes it; ``None`` (the
+  default) lets the transform decide. Compile the step with
+  ``jax.jit(step, static_argnames="sam_pass")`` to get two programs and
+  choose between them in the Python loop, for example SAM on every second
+  step with ``sam_pass=(t % 2 == 0)``, or LookSAM's schedule without its
+  run-time conditional.
 
   **Loss scaling.** ``loss_scale``, an optional extra argument of
   ``update``, is the factor by
@@ -90,10 +99,10 @@ def sam(
     rho: perturbation radius :math:`\rho \ge 0`, or a schedule: a callable of
       the step count (0, 1, 2, ...) returning :math:`\rho`. Works with
       ``optax.inject_hyperparams(sam_optax.sam)(rho=...)``. A schedule's or
-      traced value below 0 is taken as 0 (no second pass), and recorded so
-      in the stats.
+      traced value below 0 is taken as 0, and recorded so in the stats.
     eps: small positive constant added to the gradient norm.
-    num_ascent_steps: number ``n`` of ascent steps. With ``n > 1`` the
+    num_ascent_steps: number ``n`` of ascent steps (``None``: one). With
+      ``n > 1`` the
       perturbation is built by ``n`` normalized steps of size ``rho / n``,
       each from the gradient at the previous point,
       :math:`\epsilon_{k+1} = \epsilon_k + \frac{\rho}{n}
@@ -102,24 +111,32 @@ def sam(
       :math:`w + \epsilon_n` is returned: ``n + 1`` gradient evaluations in
       all, the first being the clean gradient the caller passes in. A
       Python ``int`` is unrolled (the closure is traced ``n`` times); a
-      traced one (``inject_hyperparams``) runs in a ``lax.fori_loop``.
+      traced one runs in a ``lax.fori_loop``. The default ``None`` keeps it
+      out of the values ``optax.inject_hyperparams`` traces.
     renormalize: if ``True``, rescale the returned gradient to the norm of
       the clean gradient, :math:`u \leftarrow u \, \|g\| / \|u\|`
       (StableSAM). SAM's gradient can be much longer than the clean one,
       which destabilizes training at learning rates where SGD is stable.
     nonfinite: what happens when the perturbed gradient is not finite (NaN
-      or Inf) while the clean one is: ``"fallback"`` (default) hands on the
-      clean gradient for that step and counts it in
-      ``SAMState.nonfinite_count``; ``"propagate"`` hands on the non-finite
-      gradient (also counted; the variant's state keeps its last finite
-      value), for ``optax.apply_if_finite`` placed *after* this transform to
-      skip: ``chain(sam(rho, nonfinite="propagate"), apply_if_finite(base,
-      n))``. A non-finite *clean* gradient is always handed on non-finite
-      (unchanged, or as NaN when ``rho`` is a Python number), without a
-      perturbed pass at a non-finite point and without touching the
-      variant's state,
-      so that ``optax.apply_if_finite`` around the chain skips and counts
-      the step.
+      or Inf) while the clean one is. The step is counted in
+      ``SAMState.nonfinite_count`` and the variant's state keeps its last
+      finite value; the gradient handed on is
+
+      * ``"skip"`` (default): zero, so the optimizer that follows takes no
+        gradient step (its momentum still moves the weights, as on any
+        zero gradient). Costs nothing on finite steps.
+      * ``"fallback"``: the clean gradient, a plain step. This keeps the
+        clean gradient alive through the perturbed pass: one more
+        parameter-sized buffer of memory on every step.
+      * ``"propagate"``: the non-finite gradient, for
+        ``optax.apply_if_finite`` placed *after* this transform to skip the
+        whole update, optimizer state included:
+        ``chain(sam(rho, nonfinite="propagate"), apply_if_finite(base, n))``.
+
+      A non-finite *clean* gradient is handed on as NaN, without a perturbed
+      pass at a non-finite point, without touching the variant's state and
+      without counting, so that ``optax.apply_if_finite`` around the chain
+      skips and counts the step.
     axis_name: the name of the mapped axis (``jax.shard_map``, ``jax.pmap``
       or ``jax.vmap``) over which the batch is split, or a tuple of names.
       Each member passes its own *local* clean gradient; the perturbation

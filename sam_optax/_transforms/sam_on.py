@@ -102,7 +102,7 @@ def sam_on(
     eps: float = 1e-12,
     num_ascent_steps: int = 1,
     renormalize: bool = False,
-    nonfinite: str = "fallback",
+    nonfinite: str = "skip",
     axis_name: Optional[AxisName] = None,
     sync_perturbation: bool = False,
     group_size: Optional[int] = None,

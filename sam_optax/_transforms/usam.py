@@ -21,7 +21,7 @@ def usam(
     *,
     num_ascent_steps: int = 1,
     renormalize: bool = False,
-    nonfinite: str = "fallback",
+    nonfinite: str = "skip",
     axis_name: Optional[AxisName] = None,
     sync_perturbation: bool = False,
     group_size: Optional[int] = None,

@@ -160,7 +160,8 @@ def linen_train_step(
 ) -> Callable[..., tuple[TrainState, Any]]:
   """Builds a SAM training step for a Linen model with BatchNorm and dropout.
 
-  The step ``train_step(state, *args, key=None) -> (state, out)``
+  The step ``train_step(state, *args, key=None, sam_pass=None) -> (state,
+  out)``
 
   1. derives the random keys of the step from ``key`` and ``state.step``:
      collection ``rng_collections[i]`` gets
@@ -174,7 +175,11 @@ def linen_train_step(
 
   ``state`` must be a :class:`sam_optax.flax.TrainState` (a subclass with a
   ``batch_stats`` field for BatchNorm, as in Flax's guides). The step is not
-  jitted; wrap it in ``jax.jit``.
+  jitted; wrap it in ``jax.jit``. ``sam_pass`` (a Python bool, or ``None``
+  to let the transform decide) is handed to ``tx.update``: with
+  ``jax.jit(train_step, static_argnames="sam_pass")`` the loop chooses
+  between two compiled steps, for instance LookSAM's schedule
+  ``sam_pass=(step % k == 0)`` without a run-time conditional.
 
   Args:
     loss_fn: ``loss_fn(model, *args)`` returning a scalar loss or a
@@ -224,7 +229,12 @@ def linen_train_step(
   fixed = None if collections is None else _names(caller, "collections", collections)
   streams = _names(caller, "rng_collections", rng_collections)
 
-  def train_step(state: TrainState, *args: Any, key: Optional[jax.Array] = None):
+  def train_step(
+      state: TrainState,
+      *args: Any,
+      key: Optional[jax.Array] = None,
+      sam_pass: Optional[bool] = None,
+  ):
     if not isinstance(state, TrainState):
       raise TypeError(
           f"`{caller}`: `state` must be a `sam_optax.flax.TrainState` (or a"
@@ -271,7 +281,10 @@ def linen_train_step(
           " `state.step`."
       ) from error
     new_state = state.apply_gradients(
-        grads=grads, loss_fn=closure, **{n: model_state[n] for n in names}
+        grads=grads,
+        loss_fn=closure,
+        sam_pass=sam_pass,
+        **{n: model_state[n] for n in names},
     )
     return new_state, out
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 from flax import nnx
@@ -107,6 +107,11 @@ def nnx_loss_fn(
 def nnx_train_step(loss_fn: Callable[..., Any]) -> Callable[..., Any]:
   """Builds a SAM training step ``train_step(model, optimizer, *args) -> out``.
 
+  ``train_step(model, optimizer, *args, sam_pass=None)`` also takes
+  ``sam_pass``, a Python bool (or ``None``: the transform decides) handed to
+  ``tx.update``; with ``nnx.jit(train_step, static_argnames="sam_pass")`` the
+  loop chooses between two compiled steps (see :func:`sam_optax.sam`).
+
   The step snapshots the model with :func:`nnx_loss_fn`, runs the clean pass
   ``nnx.value_and_grad(loss_fn)`` with respect to ``optimizer.wrt`` (which
   updates the model's BatchNorm statistics and advances its RNG streams
@@ -160,7 +165,12 @@ def nnx_train_step(loss_fn: Callable[..., Any]) -> Callable[..., Any]:
     out = loss_fn(model, *args)
     return scalar_loss(caller, out), out
 
-  def train_step(model: nnx.Module, optimizer: nnx.Optimizer, *args: Any) -> Any:
+  def train_step(
+      model: nnx.Module,
+      optimizer: nnx.Optimizer,
+      *args: Any,
+      sam_pass: Optional[bool] = None,
+  ) -> Any:
     if not isinstance(optimizer, nnx.Optimizer):
       raise TypeError(
           f"`{caller}`: `optimizer` must be an `nnx.Optimizer`, got"
@@ -179,7 +189,8 @@ def nnx_train_step(loss_fn: Callable[..., Any]) -> Callable[..., Any]:
         with_loss, argnums=nnx.DiffState(0, optimizer.wrt), has_aux=True
     )
     (_, out), grads = value_and_grad(model, *args)
-    optimizer.update(model, grads, loss_fn=closure)
+    extra = {} if sam_pass is None else {"sam_pass": sam_pass}
+    optimizer.update(model, grads, loss_fn=closure, **extra)
     return out
 
   return train_step

@@ -59,6 +59,7 @@ class TrainState(train_state.TrainState):
       grads: Any,
       loss_fn: Optional[Callable[..., Any]] = None,
       grad_fn: Optional[Callable[[Any], Any]] = None,
+      sam_pass: Optional[bool] = None,
       **kwargs: Any,
   ) -> "TrainState":
     """Applies one optimizer step; forwards ``loss_fn`` / ``grad_fn`` to ``tx``.
@@ -71,6 +72,9 @@ class TrainState(train_state.TrainState):
       grad_fn: ``params -> grads``, passed to
         ``tx.update(..., grad_fn=grad_fn)``, for callers that build gradients
         themselves. Pass at most one of ``loss_fn`` and ``grad_fn``.
+      sam_pass: ``None``, or a Python bool that decides whether the
+        perturbed pass runs at this step (see :func:`sam_optax.sam`),
+        passed to ``tx.update(..., sam_pass=sam_pass)``.
       **kwargs: fields to replace, for example ``batch_stats=...``.
 
     Returns:
@@ -99,6 +103,8 @@ class TrainState(train_state.TrainState):
     closures = {"loss_fn": loss_fn} if loss_fn is not None else {}
     if grad_fn is not None:
       closures["grad_fn"] = grad_fn
+    if sam_pass is not None:
+      closures["sam_pass"] = sam_pass
     tx = self.tx
     if not isinstance(tx, optax.GradientTransformationExtraArgs):
       tx = optax.with_extra_args_support(tx)
