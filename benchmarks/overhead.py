@@ -7,7 +7,11 @@ optimizer ``optax.sgd(lr, momentum=0.9)`` and ``optax.apply_updates``. The
 contestants are the base optimizer alone, every transform of ``sam_optax``
 in front of it (the list of ``benchmarks/variant_cost.py``, plus ``sam`` with
 ``nonfinite='propagate'`` to show what the default guard costs), ``msam``
-wrapped around it, and the peer ``optax.contrib.sam`` in opaque mode.
+wrapped around it, the peer ``optax.contrib.sam`` in opaque mode, and the
+ways users give ρ other than a Python number: a schedule, an
+``optax.inject_hyperparams`` value, GSAM's ``gsam_rho_schedule``, and
+LookSAM with ``sam_pass`` chosen by the Python loop (two compiled programs,
+the one with the pass on every fifth step).
 
 Measured per contestant:
 
@@ -32,7 +36,9 @@ time ≤ 2.1× the base step; SAM no slower than ``optax.contrib.sam`` (the 95%
 bootstrap interval of the median paired time ratio reaches 1) and no larger
 (temporary memory at most 0.05 parameter sizes more: scalars, not buffers);
 LookSAM (k=5) amortized ≤ 1.3× and MSAM ≤ 1.1× the base step, in time and
-in FLOPs.
+in FLOPs (LookSAM with ``sam_pass`` from the loop: in time); a scheduled or
+injected ρ as fast as a number (paired 95% interval reaches 1), with no
+more temporary memory and no conditional in the compiled step.
 
 ``python benchmarks/overhead.py [--device cpu|gpu] [--dtype float32|bfloat16]
 [--size default|large] [--quick] [--out benchmarks/results]
@@ -82,13 +88,19 @@ STEPS_PER_SAMPLE = 5
 BASE, SAM, PEER = "base", "sam", "optax.contrib.sam (opaque)"
 SAM_PROPAGATE = "sam, nonfinite='propagate'"
 LOOKSAM, MSAM = "looksam (k=5)", "msam"
+LOOKSAM_HOST = "looksam (k=5), sam_pass from the loop"
+SAM_SCHEDULE, SAM_INJECT = "sam, ρ schedule", "sam, injected ρ"
+GSAM_SCHEDULE = "gsam, gsam_rho_schedule"
+# A ρ that is not a Python number: compared with `sam` (the same ρ as a
+# number), pair by pair.
+TRACED_RHO = (SAM_SCHEDULE, SAM_INJECT)
 FLOOR = {"sam_flops": 2.02, "sam_time": 2.1, "looksam": 1.3, "msam": 1.1}
 # "No larger than optax.contrib.sam" is about parameter-sized buffers: scalar
 # statistics (a few hundred bytes) are within this fraction of one.
 MEMORY_SLACK = 0.05
 _CALL = "(empty step)"
 _PAGE = resource.getpagesize() if resource is not None else 4096
-QUICK_VARIANTS = (SAM, LOOKSAM, MSAM, PEER)
+QUICK_VARIANTS = (SAM, LOOKSAM, MSAM, PEER, SAM_SCHEDULE, LOOKSAM_HOST)
 
 
 def base_optimizer() -> optax.GradientTransformation:
@@ -116,6 +128,7 @@ def contestants(only: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "make": lambda r: sam_optax.sam(r, nonfinite="propagate"),
     }
     variants.insert(at, propagate)
+  variants += _traced_rho_variants()
   unknown = set(only or ()) - {v["name"] for v in variants}
   if unknown:
     raise ValueError(f"unknown transforms {sorted(unknown)}; known:"
@@ -138,10 +151,46 @@ def contestants(only: Sequence[str] | None = None) -> list[dict[str, Any]]:
       entry["closure"] = "contrib"
     else:
       entry["tx"] = optax.chain(v["make"](RHO), base_optimizer())
-      if entry["amortize"] is not None:
+      if v.get("host_every"):  # two programs, chosen by the Python loop
+        entry["host_every"] = v["host_every"]
+        entry["amortize"] = {"kind": "every", "k": v["host_every"]}
+      elif entry["amortize"] is not None:
         entry["tx_without_pass"] = optax.chain(v["make"](0.0), base_optimizer())
     out.append(entry)
   return out
+
+
+def _traced_rho_variants() -> list[dict[str, Any]]:
+  """ρ as a schedule, injected, GSAM's schedule; LookSAM chosen by the loop.
+
+  Each should cost what the same transform with a Python-number ρ costs
+  (no conditional around the pass), and LookSAM with ``sam_pass`` chosen
+  on the host what its FLOPs say.
+  """
+  if not _accepts_sam_pass():
+    return []
+  lr = optax.cosine_decay_schedule(LR, 10_000)
+  return [
+      dict(name=SAM_SCHEDULE,
+           make=lambda r: sam_optax.sam(optax.linear_schedule(r, r, 1))),
+      dict(name=SAM_INJECT,
+           make=lambda r: optax.inject_hyperparams(sam_optax.sam)(rho=r)),
+      dict(name=GSAM_SCHEDULE, make=lambda r: sam_optax.gsam(
+          sam_optax.gsam_rho_schedule(lr, rho_max=r, rho_min=r / 10, lr_max=LR),
+          alpha=0.1)),
+      dict(name=LOOKSAM_HOST, make=lambda r: sam_optax.looksam(r, k=5),
+           host_every=5),
+  ]
+
+
+def _accepts_sam_pass() -> bool:
+  try:
+    params = jnp.zeros(2)
+    tx = sam_optax.sam(RHO)
+    tx.update(params, tx.init(params), params, loss_fn=jnp.sum, sam_pass=False)
+  except (TypeError, ValueError):
+    return False
+  return True
 
 
 def _accepts_nonfinite() -> bool:
@@ -158,6 +207,7 @@ def train_step(
     *,
     closure: str = "loss_fn",
     per_example: bool = False,
+    sam_pass: bool | None = None,
 ) -> Callable[..., Any]:
   """One training step as a pure function of the carried state and a batch.
 
@@ -196,6 +246,8 @@ def train_step(
       if closure == "contrib":
         grad = jax.grad(loss_fn, has_aux=stateful)
         kwargs = {"grad_fn": lambda p, _: grad(p)[0] if stateful else grad(p)}
+    if sam_pass is not None:
+      kwargs["sam_pass"] = sam_pass
     updates, opt_state = tx.update(g, opt_state, params, **kwargs)
     return optax.apply_updates(params, updates), opt_state, new_state, loss
 
@@ -226,7 +278,10 @@ class _Runner:
   """
 
   def __init__(self, compiled, carry, x, y):
-    self.compiled, self.carry, self.x, self.y = compiled, carry, x, y
+    # One program, or one per step of a period (the host's choice).
+    self.programs = compiled if isinstance(compiled, list) else [compiled]
+    self.carry, self.x, self.y = carry, x, y
+    self.step = 0
     self.times: list[list[float]] = []
     self.faults: list[float] = []  # minor page faults per step, per call
 
@@ -235,12 +290,19 @@ class _Runner:
     f0 = _minor_faults()
     for _ in range(STEPS_PER_SAMPLE):
       t0 = time.perf_counter()
-      out = jax.block_until_ready(self.compiled(*self.carry, self.x, self.y))
+      program = self.programs[self.step % len(self.programs)]
+      out = jax.block_until_ready(program(*self.carry, self.x, self.y))
+      self.step += 1
       row.append(time.perf_counter() - t0)
       self.carry = out[:3]
     self.faults.append((_minor_faults() - f0) / STEPS_PER_SAMPLE)
     self.times.append(row)
     return self.carry
+
+
+def _conditionals(compiled) -> int:
+  """Conditionals (``lax.cond``/``lax.switch``) in the compiled program."""
+  return compiled.as_text().count("conditional(")
 
 
 def _minor_faults() -> float:
@@ -289,16 +351,27 @@ def measure_problem(
   for e in entries:
     bar.set_postfix_str(f"{problem.name}: compile {e['name']}")
     tx = e["tx"]
+    host_every = e.get("host_every")
     step = train_step(problem, tx, closure=e["closure"],
-                      per_example=e.get("per_example", False))
+                      per_example=e.get("per_example", False),
+                      sam_pass=True if host_every else None)
     args = (params, tx.init(params), model_state, x, y)
     t0 = time.perf_counter()
     compiled = _compile(step, args)
     row = dict(name=e["name"], compile_s=time.perf_counter() - t0,
                flops=measure.flops_of(compiled),
                bytes_accessed=measure.bytes_accessed_of(compiled),
+               conditionals=_conditionals(compiled),
                **_memory(compiled))
-    if e.get("tx_without_pass") is not None:
+    program = compiled
+    if host_every:
+      compiled0 = _compile(train_step(problem, tx, sam_pass=False), args)
+      row["flops_without_pass"] = measure.flops_of(compiled0)
+      row["conditionals"] += _conditionals(compiled0)
+      row["has_conditional"] = row["conditionals"] > 0
+      # Step count j takes the pass where j % k == 0, as LookSAM's policy.
+      program = [compiled] + [compiled0] * (host_every - 1)
+    elif e.get("tx_without_pass") is not None:
       tx0 = e["tx_without_pass"]
       compiled0 = _compile(train_step(problem, tx0),
                            (params, tx0.init(params), model_state, x, y))
@@ -306,7 +379,7 @@ def measure_problem(
       row["has_conditional"] = "conditional(" in compiled.as_text()
     carry = (_fresh(params, device), _fresh(args[1], device),
              _fresh(model_state, device))
-    runners[e["name"]] = _Runner(compiled, carry, x, y)
+    runners[e["name"]] = _Runner(program, carry, x, y)
     rows.append(row)
     bar.update(1)
 
@@ -370,14 +443,18 @@ def measure_problem(
         row["time_step_with_pass_s"] = float(np.median(steps[:, with_pass]))
         row["time_step_without_pass_s"] = float(np.median(steps[:, ~with_pass]))
 
-  def against_peer(name: str) -> dict[str, Any] | None:
-    """Paired time ratio of ``name`` to optax.contrib.sam, with a 95% CI."""
-    t, peer_t = per_step.get(name), per_step.get(PEER)
-    if t is None or peer_t is None:
+  def paired(name: str, other: str) -> dict[str, Any] | None:
+    """Paired time ratio of ``name`` to ``other``, with a 95% CI."""
+    t, other_t = per_step.get(name), per_step.get(other)
+    if t is None or other_t is None:
       return None
-    ratio = t / peer_t
+    ratio = t / other_t
     lo, hi = _median_ci(ratio)
     return {"median": float(np.median(ratio)), "ci95": [lo, hi]}
+
+  def against_peer(name: str) -> dict[str, Any] | None:
+    """Paired time ratio of ``name`` to optax.contrib.sam, with a 95% CI."""
+    return paired(name, PEER)
 
   return {
       "name": problem.name, "description": problem.description,
@@ -387,6 +464,9 @@ def measure_problem(
       "base_time_s": float(np.median(t_base)),
       "call_overhead_s": float(np.median(per_step[_CALL])),
       "rows": rows, "sam_vs_peer_time": against_peer(SAM),
+      "traced_rho_vs_sam_time": {
+          name: paired(name, SAM) for name in TRACED_RHO if name in per_step
+      },
       "propagate_vs_peer_time": against_peer(SAM_PROPAGATE),
   }
 
@@ -423,6 +503,21 @@ def floors(model: dict[str, Any]) -> list[dict[str, Any]]:
         FLOOR["looksam"], r["time_ratio"] <= FLOOR["looksam"])
     add("looksam (k=5) amortized FLOPs / base", r["flops_ratio_amortized"],
         FLOOR["looksam"], r["flops_ratio_amortized"] <= FLOOR["looksam"])
+  for name, cmp in (model.get("traced_rho_vs_sam_time") or {}).items():
+    if cmp is None or name not in rows or SAM not in rows:
+      continue
+    add(f"{name}: time / sam with a number, paired (as fast: 95% CI reaches 1)",
+        cmp["median"], 1.0, cmp["ci95"][0] <= 1.0,
+        f"{cmp['median']:.3f} [{cmp['ci95'][0]:.3f}, {cmp['ci95'][1]:.3f}]")
+    extra = (rows[name]["temp_bytes"] - rows[SAM]["temp_bytes"]) / model["param_bytes"]
+    add(f"{name}: temp memory − sam with a number, in parameter sizes",
+        extra, MEMORY_SLACK, extra <= MEMORY_SLACK, f"{extra:+.3f}")
+    add(f"{name}: conditionals in the compiled step", rows[name]["conditionals"],
+        0, rows[name]["conditionals"] == 0)
+  if LOOKSAM_HOST in rows:
+    r = rows[LOOKSAM_HOST]
+    add("looksam (k=5), sam_pass from the loop: amortized time / base",
+        r["time_ratio"], FLOOR["looksam"], r["time_ratio"] <= FLOOR["looksam"])
   if MSAM in rows:
     r = rows[MSAM]
     add("msam time / base", r["time_ratio"], FLOOR["msam"],
@@ -589,15 +684,17 @@ def report(result: dict[str, Any]) -> str:
   header = "| transform |" + "".join(
       f" {_SHORT.get(mod['name'], mod['name'])} time × | FLOPs × | Δ temp |"
       for mod in models
-  )
+  ) + " conditionals |"
   lines += [
       "",
       ("Each cell relative to the base step of the same model: time (median"
       " ratio), XLA FLOPs, and the extra temporary memory in units of"
-      " parameter bytes. LookSAM's time is the average over its period."),
+      " parameter bytes. LookSAM's time is the average over its period."
+      " Conditionals: `lax.cond`/`lax.switch` in the compiled step (of both"
+      " programs, where the loop chooses)."),
       "",
       header,
-      "|---|" + "---|---|---|" * len(models),
+      "|---|" + "---|---|---|" * len(models) + "---|",
   ]
   names = [r["name"] for r in models[0]["rows"]]
   for name in names:
@@ -611,7 +708,9 @@ def report(result: dict[str, Any]) -> str:
         flops = f"{r['flops_ratio_without_pass']:.2f}–{r['flops_ratio']:.2f}"
       cells.append(f" {r['time_ratio']:.2f} | {flops} |"
                    f" {r['extra_temp_over_param_bytes']:+.2f} |")
-    lines.append(f"| {name} |" + "".join(cells))
+    conds = next(x for x in models[0]["rows"] if x["name"] == name).get(
+        "conditionals", "")
+    lines.append(f"| {name} |" + "".join(cells) + f" {conds} |")
   lines += [
       "",
       "| model | check | measured | limit | result |",
@@ -667,8 +766,7 @@ def _speed_against_peer(result: dict[str, Any]) -> str:
       "* **Time against `optax.contrib.sam`** (paired median ratio, 95% CI;"
       " XLA's bytes accessed relative to it): " + "; ".join(parts) + ". Both"
       " pipelines run the same two passes; `sam` adds the norm of its output"
-      " (the stats and the finiteness check) and, by default, a select"
-      " between that output and the clean gradient, which it keeps alive."
+      " (the stats and the finiteness check) and a select on it."
       f" Intervals above 1: {', '.join(above) or 'none'}; below 1:"
       f" {', '.join(below) or 'none'}. The gaps are a few percent either way"
       " and move between runs; the FLOPs and bytes columns do not."
@@ -715,9 +813,9 @@ def _limits_text(result: dict[str, Any]) -> str:
           if "time_step_without_pass_s" in r]
   lines = [
       "How close two-pass SAM gets to its limits (2.0× the base step's"
-      " compute; memory: the base step plus two parameter-sized buffers, P,"
-      " the perturbed weights w + ε and the clean gradient g kept through the"
-      " second pass): " + "; ".join(per_model) + ".",
+      " compute; memory: what the base step needs, since the buffers of g"
+      " and of w + ε are free again once each is used up; P is one"
+      " parameter-sized buffer): " + "; ".join(per_model) + ".",
       "",
       ("* **FLOPs.** Beside the second forward/backward pass, SAM adds work"
       " proportional to the parameters alone (the norm of g, w + ε, the norm"
@@ -751,12 +849,12 @@ def _limits_text(result: dict[str, Any]) -> str:
     if peer is not None:
       line += f", `optax.contrib.sam` {peer['extra_temp_over_param_bytes']:+.2f} P"
     line += (
-        ". With the default `nonfinite='fallback'`, `sam` keeps the clean"
-        " gradient g alive through the second pass, since a non-finite"
-        " perturbed gradient falls back to it; with"
-        " `nonfinite='propagate'` nothing is kept and the step needs what"
-        " `optax.contrib.sam` needs. XLA reuses the buffers of everything"
-        " else, w + ε included."
+        ". Once w + ε is formed, the clean gradient g is no longer needed"
+        " (the default `nonfinite='skip'` hands on a zero gradient where the"
+        " perturbed one is not finite, by a select on its norm), so XLA"
+        " reuses its buffer, and that of w + ε, during the second pass:"
+        " the step needs what `optax.contrib.sam` needs. Only"
+        " `nonfinite='fallback'` keeps g alive, for one more P."
     )
     lines.append(line)
     break  # one model states the mechanism; the table has the others
@@ -794,7 +892,8 @@ def _limits_text(result: dict[str, Any]) -> str:
     names = ", ".join(f"{n} ({x:.0f}×)" for n, x in slow_branches)
     lines.append(
         "* **Convolutions inside a conditional on CPU.** LookSAM and AE-SAM"
-        " skip the pass with `lax.switch`. Inside a conditional or loop body"
+        " skip the pass with `lax.switch` when their policy decides at run"
+        " time. Inside a conditional or loop body"
         " XLA's CPU backend leaves the weight-gradient convolutions of a"
         " backward pass in the dimension order autodiff gives them"
         " (`dim_labels=f01b_i01o->01bf`) instead of rewriting them, as it"
@@ -805,7 +904,10 @@ def _limits_text(result: dict[str, Any]) -> str:
         " FLOPs columns give the algorithmic cost; the MLP and the"
         " Transformer, without convolutions, do not show the effect. For the"
         " same reason a Python-int `num_ascent_steps` is unrolled rather"
-        " than looped."
+        " than looped, a traced or scheduled ρ runs the pass on every step"
+        " instead of skipping it under a conditional where ρ = 0, and the"
+        " loop can choose LookSAM's steps itself (`sam_pass`, the row"
+        f" '{LOOKSAM_HOST}'): two programs without a conditional."
     )
   return "\n".join(lines)
 

@@ -11,23 +11,12 @@ import pytest
 
 import sam_optax
 from sam_optax._transforms.ae_sam import ae_sam_threshold_coefficient
-from tests import problems
+from tests import oracles, problems
 from tests.reference import flat, grad_at
 
 
-def reference_policy(sq_norms, delta, lambda_start, lambda_end, total_steps):
-  """Decisions and statistics of the policy, from the paper's equations."""
-  mean = var = 0.0
-  takes, margins, stats = [], [], []
-  for t, x in enumerate(sq_norms):
-    mean = delta * mean + (1 - delta) * x
-    var = delta * var + (1 - delta) * (x - mean) ** 2
-    c = lambda_start + (lambda_end - lambda_start) * min(t / total_steps, 1.0)
-    threshold = mean + c * np.sqrt(var)
-    takes.append(x >= threshold)
-    margins.append(abs(x - threshold) / max(1.0, x))
-    stats.append((mean, var))
-  return np.asarray(takes), np.asarray(margins), stats
+# AE-SAM's decisions and statistics from the paper's equations (float64).
+reference_policy = oracles.ae_sam_policy
 
 
 def _varying_norms(steps, seed=0):

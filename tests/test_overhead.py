@@ -40,7 +40,8 @@ def test_json_structure(quick):
   assert saved["models"][1]["state_bytes"] > 0
   assert saved["models"][0]["state_bytes"] == 0
   checks = {(f["model"], f["check"]) for f in saved["floors"]}
-  assert len(checks) == 3 * 8
+  # 8 floors, 3 for the scheduled rho, 1 for LookSAM chosen by the loop
+  assert len(checks) == 3 * 12
   assert all(isinstance(f["passed"], bool) for f in saved["floors"])
   _check_floors_against_figures(saved)
 
@@ -55,6 +56,13 @@ _LIMITS = {
     "looksam (k=5) amortized FLOPs": 1.3,
     "msam time": 1.1,
     "msam FLOPs": 1.1,
+    "sam, ρ schedule: time": 1.0,
+    "sam, ρ schedule: temp memory": 0.05,
+    "sam, ρ schedule: conditionals": 0,
+    "sam, injected ρ: time": 1.0,
+    "sam, injected ρ: temp memory": 0.05,
+    "sam, injected ρ: conditionals": 0,
+    "looksam (k=5), sam_pass from the loop": 1.3,
 }
 
 
@@ -77,6 +85,18 @@ def _figure(model, check):
     return look["time_ratio"], look["time_ratio"]
   if check.startswith("looksam (k=5) amortized FLOPs"):
     return look["flops_ratio_amortized"], look["flops_ratio_amortized"]
+  for name in (overhead.SAM_SCHEDULE, overhead.SAM_INJECT):
+    if check.startswith(f"{name}: time"):  # the 95% CI reaches 1
+      cmp = model["traced_rho_vs_sam_time"][name]
+      return cmp["median"], cmp["ci95"][0]
+    if check.startswith(f"{name}: temp memory"):
+      extra = (rows[name]["temp_bytes"] - sam["temp_bytes"]) / model["param_bytes"]
+      return extra, extra
+    if check.startswith(f"{name}: conditionals"):
+      return rows[name]["conditionals"], rows[name]["conditionals"]
+  if check.startswith("looksam (k=5), sam_pass from the loop"):
+    host = rows[overhead.LOOKSAM_HOST]
+    return host["time_ratio"], host["time_ratio"]
   if check.startswith("msam time"):
     return msam["time_ratio"], msam["time_ratio"]
   if check.startswith("msam FLOPs"):
@@ -110,8 +130,14 @@ def _synthetic_model(scale):
           row(overhead.LOOKSAM, time_ratio=1.25 * scale,
               flops_ratio_amortized=1.25 * scale),
           row(overhead.MSAM, time_ratio=1.05 * scale, flops_ratio=1.05 * scale),
+          row(overhead.SAM_SCHEDULE,
+              temp_bytes=1000 + 40 * scale**4 + 1000 * (scale - 1),
+              conditionals=int(scale > 1.05)),
+          row(overhead.LOOKSAM_HOST, time_ratio=1.25 * scale),
       ],
       "sam_vs_peer_time": {"median": 0.99 * scale, "ci95": [0.98 * scale, 1.1]},
+      "traced_rho_vs_sam_time": {overhead.SAM_SCHEDULE: {
+          "median": 0.99 * scale, "ci95": [0.98 * scale, 1.1]}},
   }
 
 
@@ -121,7 +147,7 @@ def test_floor_flags_follow_from_the_figures(scale):
   comparison of its figure with the documented bound."""
   model = _synthetic_model(scale)
   found = overhead.floors(model)
-  assert len(found) == 8
+  assert len(found) == 8 + 3 + 1
   _check_floors_against_figures({"models": [model], "floors": found})
   if scale == 1.0:
     assert all(f["passed"] for f in found)
@@ -150,6 +176,16 @@ def test_deterministic_figures(quick):
     assert "time_step_with_pass_s" in look and "time_step_without_pass_s" in look
     # MSAM needs no second pass.
     assert rows["msam"]["flops_ratio"] < 1.2, model["name"]
+    # A scheduled rho compiles what a number does; the loop's choice of
+    # LookSAM's steps compiles two programs without a conditional.
+    sched = rows[overhead.SAM_SCHEDULE]
+    assert sched["conditionals"] == 0 == rows["sam"]["conditionals"]
+    assert sched["flops"] == pytest.approx(rows["sam"]["flops"], rel=1e-3)
+    host = rows[overhead.LOOKSAM_HOST]
+    assert host["conditionals"] == 0 and not host["has_conditional"]
+    assert host["flops_ratio_amortized"] == pytest.approx(
+        (host["flops_ratio"] + 4 * host["flops_ratio_without_pass"]) / 5)
+    assert host["flops_ratio_without_pass"] < 1.2
 
 
 def test_readme_rewrite_is_idempotent_and_local(quick, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+import textwrap
 from typing import Any
 
 import chex
@@ -23,7 +24,11 @@ import sam_optax
 from tests.reference import sam_gradient
 
 README = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
-BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+# Blocks inside a list item are indented; they run dedented.
+BLOCKS = [
+    textwrap.dedent(b)
+    for b in re.findall(r"```python\n(.*?)```", README, flags=re.S)
+]
 
 
 def _block(anchor: str) -> str:
@@ -253,3 +258,23 @@ def test_schedule_free_and_sophia_snippet():
   sophia = optax.contrib.sophia(1e-3)
   want, _ = sophia.update(u, sophia.init(params), params, obj_fn=loss_fn)
   chex.assert_trees_all_close(ns["updates"], want, rtol=1e-5, atol=1e-7)
+
+
+def test_sam_pass_block_is_looksam():
+  """The loop's `sam_pass` schedule gives LookSAM (Liu et al. 2022), in float64."""
+  ns = _run("static_argnames=\"sam_pass\")", {})
+  scale = np.array([1.0, 4.0, 9.0])
+  w = np.zeros(3)
+  grad = lambda v: 2 * scale * (v - 1.0)  # noqa: E731
+  g_v = np.zeros(3)
+  for t in range(10):
+    g = grad(w)
+    if t % 5 == 0:
+      g_s = grad(w + 0.05 * g / np.linalg.norm(g))
+      g_v = g_s - (g_s @ g) / (g @ g) * g
+      u = g_s
+    else:
+      u = g + 0.7 * np.linalg.norm(g) / np.linalg.norm(g_v) * g_v
+    w = w - 0.02 * u
+  np.testing.assert_allclose(np.asarray(ns["params"]), w, rtol=1e-5, atol=1e-5)
+  assert float(sam_optax.sam_stats(ns["opt_state"]).pass_taken) == 0.0  # t = 9
