@@ -39,7 +39,7 @@ P = "sam_optax/_parts/perturbations.py"
 D = "sam_optax/_parts/directions.py"
 POL = "sam_optax/_parts/policies.py"
 C = "sam_optax/_core/collectives.py"
-B = "sam_optax/_core/builder.py"
+S = "sam_optax/_core/stages.py"
 M = "sam_optax/_core/masking.py"
 T = "sam_optax/_core/tree.py"
 
@@ -253,36 +253,36 @@ MUTATIONS: tuple[Mutation, ...] = (
     # The builder is being restructured: these snippets are small, and a
     # missing one is reported as not applicable.
     Mutation(
-        "ascent-step-not-divided-by-n", B,
+        "ascent-step-not-divided-by-n", S,
         "step = rho_t.astype(clean.norm.dtype) / jnp.asarray(",
         "step = rho_t.astype(clean.norm.dtype) + 0 * jnp.asarray(",
         _oracle("sam_2steps"),
         _legacy(["tests/test_sam_options.py"], "multistep"),
     ),
     Mutation(
-        "renormalize-to-unit-norm", B,
+        "renormalize-to-unit-norm", S,
         "ratio = clean.norm / jnp.maximum(out_norm, cfg.eps)",
         "ratio = 1.0 / jnp.maximum(out_norm, cfg.eps)",
         _oracle("sam_renorm"),
         _legacy(["tests/test_sam_options.py"], "renormalize"),
     ),
     Mutation(
-        "output-not-averaged-over-the-axis", B,
+        "output-not-averaged-over-the-axis", S,
         "    out = cfg.axis.mean(out)",
         "    out = out",
         ["tests/test_distributed.py::test_shard_map_matches_grouped_reference[per_device-True]"],
         ["tests/test_distributed.py"],
     ),
     Mutation(
-        "fallback-not-counted", B,
+        "fallback-not-counted", S,
         "bad = jnp.where(ok, 0 * one, one)",
         "bad = 0 * one",
-        ["tests/test_nonfinite.py::test_fallback_count_accumulates"],
+        ["tests/test_nonfinite.py::test_nonfinite_count_accumulates"],
         ["tests/test_nonfinite.py"],
         rule=False,
     ),
     Mutation(
-        "skip-hands-on-the-nonfinite-gradient", B,
+        "skip-hands-on-the-nonfinite-gradient", S,
         "out = jax.tree.map(lambda o: jnp.where(ok, o, jnp.zeros_like(o)), out)",
         "out = out",
         ["tests/test_pipeline.py::test_nonfinite_policies_hand_on_zero_clean_or_nonfinite"],
@@ -290,14 +290,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         rule=False,
     ),
     Mutation(
-        "traced-rho-not-clipped-at-zero", B,
+        "traced-rho-not-clipped-at-zero", S,
         "rho_t = jnp.maximum(rho_t, 0)",
         "rho_t = rho_t",
         ["tests/test_errors.py::test_negative_scheduled_rho_is_zero_and_recorded_so"],
         ["tests/test_errors.py"],
     ),
     Mutation(
-        "offset-not-zeroed-for-a-nonfinite-clean-gradient", B,
+        "offset-not-zeroed-for-a-nonfinite-clean-gradient", S,
         "lambda d: jnp.where(clean.finite, step * d, 0), direction",
         "lambda d: step * d, direction",
         ["tests/test_nonfinite.py::test_nonfinite_clean_gradient_is_handed_on_nonfinite"],
