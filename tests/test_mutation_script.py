@@ -23,3 +23,10 @@ def test_a_mutation_applies_to_a_copy_and_a_missing_text_is_not_applicable(tmp_p
   assert m.new in text and m.old not in text
   assert "found 0 times" in mutation.apply(m, tmp_path)  # applied already
   assert m.old in (mutation.ROOT / m.file).read_text()  # the tree is untouched
+
+
+def test_every_mutation_finds_its_text_once_in_the_current_source():
+  """A refactor that moves a rule must move its mutation too."""
+  for m in mutation.MUTATIONS:
+    text = (mutation.ROOT / m.file).read_text()
+    assert text.count(m.old) == 1, (m.id, m.file, text.count(m.old))
