@@ -41,7 +41,7 @@ class SAMState(NamedTuple):
       evaluated at this count, starting at 0.
     stats: diagnostics of the last step, see :class:`SAMStats`.
     nonfinite_count: number of steps (int32) whose perturbed gradient was
-      not finite, where the clean gradient was handed on instead.
+      not finite (handled by the transform's ``nonfinite`` policy).
     variant: the variant's own state (``optax.EmptyState()`` for plain SAM).
   """
 
