@@ -420,6 +420,21 @@ ORACLES: dict[str, Callable[[Any], Callable[..., Any]]] = {
 """Keyed like ``tests.contract.CASES``; the hyperparameters are the cases'."""
 
 
+def recording(loss_fn: Callable[[Any], Any], seen: list, tag: Any = 0):
+  """``loss_fn`` that also appends ``(tag, flat point)`` for every point it sees.
+
+  The points of a random case are its draw, which its oracle reads back.
+  """
+
+  def wrapped(p):
+    jax.debug.callback(
+        lambda t, q: seen.append((int(t), flat(q))), tag, p, ordered=True
+    )
+    return loss_fn(p)
+
+  return wrapped
+
+
 class StepRef(NamedTuple):
   """One reference step: the weights, the closure's points, the output."""
 

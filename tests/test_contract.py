@@ -41,18 +41,6 @@ def _nonfinite_count(state) -> int:
   return int(found.nonfinite_count)
 
 
-def _recording(loss_fn, seen, tag=0):
-  """``loss_fn`` that also appends ``(tag, point)`` for every point it sees."""
-
-  def wrapped(p):
-    jax.debug.callback(
-        lambda t, q: seen.append((int(t), flat(q))), tag, p, ordered=True
-    )
-    return loss_fn(p)
-
-  return wrapped
-
-
 def _dtypes(tree):
   return jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), tree)
 
@@ -163,7 +151,7 @@ def test_zero_gradient_gives_zero_update_not_nan(case, schedule):
   loss_fn = lambda p: sum(jnp.sum((x - 1.0) ** 2) for x in jax.tree.leaves(p))
   tx = case.with_rho_schedule(0.1) if schedule else case.make(rho=0.1)
   seen = []
-  closure = _recording(loss_fn, seen)
+  closure = oracles.recording(loss_fn, seen)
 
   @jax.jit
   def step(state):
@@ -193,7 +181,7 @@ def test_ordinary_steps_count_nothing_nonfinite(case):
   params, loss_fn = problems.mlp_problem(seed=4)
   seen = []
   tx = optax.chain(case.make(), optax.sgd(0.1, momentum=0.9))
-  step = jax.jit(_step_fn(tx, _recording(loss_fn, seen)))
+  step = jax.jit(_step_fn(tx, oracles.recording(loss_fn, seen)))
   p, s = params, tx.init(params)
   for _ in range(5):
     p, s = step(p, s)
@@ -295,7 +283,7 @@ def _library_run(case, how, params, loss_fn, steps):
   def step(carry, t):
     p, s = carry
     g = jax.grad(loss_fn)(p)
-    u, s = tx.update(g, s, p, loss_fn=_recording(loss_fn, seen, t))
+    u, s = tx.update(g, s, p, loss_fn=oracles.recording(loss_fn, seen, t))
     new = jax.tree.map(lambda w, x: w - ORACLE_LR * x, p, u)
     return (new, s), (p, u)
 

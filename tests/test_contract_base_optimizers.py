@@ -145,30 +145,33 @@ def test_sophia_keyword_does_not_reach_sam_and_loss_fn_does_not_reach_sophia():
     tx.update(g, tx.init(params), params, loss_fn=loss_fn)
 
 
-# Every deterministic contract case before every base, against its float64
-# oracle (tests/oracles.py) fed to the same base. The random cases (esam,
-# rwp, the random mask) need the library's draw; tests/test_contract.py
-# checks them against their oracles with that draw.
-_DETERMINISTIC = [c for c in CASES if c.name not in (
-    "esam", "rwp", "composed_random_mask")]
+# Every contract case before every base, against its float64 oracle
+# (tests/oracles.py) fed to the same base. The random cases' draw (esam, rwp,
+# the random mask) is read off the points the closure saw.
 
 
 @bases
-@pytest.mark.parametrize("case", _DETERMINISTIC, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_every_case_before_every_base_matches_its_oracle(case, base_name):
   params, loss_fn = problems.mlp_problem(seed=72)
   extra = _extra(base_name, loss_fn)
   tx = optax.chain(case.make(), BASES[base_name]())
 
+  seen = []
+
   @jax.jit
-  def step(p, s):
+  def step(p, s, t):
     g = jax.grad(loss_fn)(p)
-    u, s = tx.update(g, s, p, loss_fn=loss_fn, **extra)
+    u, s = tx.update(g, s, p, loss_fn=oracles.recording(loss_fn, seen, t),
+                     **extra)
     return optax.apply_updates(p, u), s
 
-  p, s = params, tx.init(params)
-  for _ in range(STEPS):
-    p, s = step(p, s)
+  p, s, ws = params, tx.init(params), []
+  for t in range(STEPS):
+    ws.append(flat(p))
+    p, s = step(p, s, jnp.asarray(t, jnp.int32))
+  jax.effects_barrier()
+  points = [[q for tag, q in seen if tag == t] for t in range(STEPS)]
 
   oracle = oracles.ORACLES[case.name](params)
   grad = lambda v: grad_at(loss_fn, params, v)  # noqa: E731
@@ -176,7 +179,7 @@ def test_every_case_before_every_base_matches_its_oracle(case, base_name):
   q, base_state = params, base.init(params)
   for t in range(STEPS):
     w = flat(q)
-    _, u = oracle(t, w, grad(w), grad, case.kwargs["rho"], None)
+    _, u = oracle(t, w, grad(w), grad, case.kwargs["rho"], (ws[t], points[t]))
     u = jax.tree.map(
         lambda x, like: jnp.asarray(x, like.dtype), unflatten(params, u), params
     )
