@@ -10,6 +10,13 @@ that follows it in ``optax.chain``::
 """
 
 from sam_optax._core.builder import SAMState
+from sam_optax._core.radius import (
+    AutoRho,
+    GuardedRho,
+    RadiusState,
+    auto_rho,
+    guarded,
+)
 from sam_optax._core.stats import SAMStats, sam_stats
 from sam_optax._parts import directions, perturbations, policies
 from sam_optax._parts.compose import sharpness_aware
@@ -38,16 +45,20 @@ __version__ = "0.1.0"
 
 __all__ = (
     "AESAMState",
+    "AutoRho",
     "FisherMaskState",
     "FriendlySAMState",
+    "GuardedRho",
     "LookSAMState",
     "MSAMState",
+    "RadiusState",
     "RandomKeyState",
     "SAMState",
     "SAMStats",
     "VaSSOState",
     "ae_sam",
     "asam",
+    "auto_rho",
     "directions",
     "esam",
     "fisher_masked_sam",
@@ -55,6 +66,7 @@ __all__ = (
     "friendly_sam",
     "gsam",
     "gsam_rho_schedule",
+    "guarded",
     "looksam",
     "masked_sam",
     "perturbations",

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sam_optax._core import collectives, stages, validation
+from sam_optax._core import collectives, radius, stages, validation
 from sam_optax._core.stats import SAMStats
 
 PyTree = Any
@@ -43,12 +43,16 @@ class SAMState(NamedTuple):
     nonfinite_count: number of steps (int32) whose perturbed gradient was
       not finite (handled by the transform's ``nonfinite`` policy).
     variant: the variant's own state (``optax.EmptyState()`` for plain SAM).
+    radius: the state of ``rho="auto"`` or :func:`~sam_optax.guarded`, a
+      :class:`~sam_optax.RadiusState`; ``optax.EmptyState()`` for a number
+      or a schedule.
   """
 
   count: jax.Array
   stats: SAMStats
   nonfinite_count: jax.Array
   variant: PyTree = optax.EmptyState()
+  radius: PyTree = optax.EmptyState()
 
 
 def _keep_clean(g, params, state):
@@ -99,8 +103,12 @@ def _static_number(value: Any) -> Optional[float]:
 def check_common(
     caller: str, rho: Any, eps: Any, num_ascent_steps: Any, renormalize: Any
 ) -> None:
-  """Construction-time checks of the options every transform shares."""
-  validation.check_scalar(caller, "rho", rho, low=0.0, allow_schedule=True)
+  """Construction-time checks of the options every transform shares.
+
+  ``rho`` is the base radius (``None`` for ``rho="auto"``).
+  """
+  if rho is not None:
+    validation.check_scalar(caller, "rho", rho, low=0.0, allow_schedule=True)
   validation.check_scalar(caller, "eps", eps, low=0.0, low_inclusive=False)
   validation.check_int(caller, "num_ascent_steps", num_ascent_steps, low=1)
   if not isinstance(renormalize, bool):
@@ -131,6 +139,7 @@ def build(
   """
   if num_ascent_steps is None:
     num_ascent_steps = 1
+  rho, controller = radius.resolve(caller, rho)
   check_common(caller, rho, eps, num_ascent_steps, renormalize)
   validation.check_option(caller, "nonfinite", nonfinite, NONFINITE_POLICIES)
   collectives.check_options(caller, axis_name, sync_perturbation, group_size)
@@ -138,7 +147,8 @@ def build(
       caller=caller,
       rule=rule,
       rho=rho,
-      static_rho=_static_number(rho),
+      static_rho=None if controller is not None else _static_number(rho),
+      controller=controller,
       num_ascent_steps=num_ascent_steps,
       static_steps=(
           None
@@ -157,6 +167,7 @@ def build(
         stats=SAMStats.zeros(),
         nonfinite_count=jnp.zeros((), jnp.int32),
         variant=rule.init(params),
+        radius=radius.init(controller),
     )
 
   def update_fn(
@@ -176,7 +187,7 @@ def build(
     )
     clean = stages.clean_gradient(cfg, local)
     count = state.count
-    rho_t = stages.radius(cfg, count)
+    rho_t = stages.radius(cfg, count, state.radius)
     direction, prepared, variant = stages.ascent_direction(
         cfg, clean, params, state.variant, count
     )
@@ -198,7 +209,7 @@ def build(
       outcome = perturbed(variant)
     else:  # the rule's policy decides at run time
       outcome = stages.switch(cfg, take, skipped, perturbed, variant, updates)
-    out, stats, nonfinite_count, variant = stages.finish(
+    out, stats, nonfinite_count, variant, radius_state = stages.finish(
         cfg, outcome, clean, state, rho_t, updates
     )
     return out, SAMState(
@@ -206,6 +217,7 @@ def build(
         stats=stats,
         nonfinite_count=nonfinite_count,
         variant=variant,
+        radius=radius_state,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

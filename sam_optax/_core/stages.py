@@ -30,6 +30,7 @@ import numpy as np
 
 from sam_optax._core import closure as closure_lib
 from sam_optax._core import collectives, tree
+from sam_optax._core import radius as radius_lib
 from sam_optax._core.stats import SAMStats
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ class Config(NamedTuple):
 
   caller: str
   rule: "Rule"
-  rho: Any  # a number, an array or a schedule
+  rho: Any  # a number, an array or a schedule; None for rho="auto"
   static_rho: Optional[float]  # rho as a Python number, else None
   num_ascent_steps: Any  # a Python int, or traced (inject_hyperparams)
   static_steps: Optional[int]
@@ -52,6 +53,7 @@ class Config(NamedTuple):
   renormalize: bool
   nonfinite: str
   axis: collectives.Axis
+  controller: Optional[radius_lib.Controller] = None
 
 
 class Clean(NamedTuple):
@@ -59,12 +61,15 @@ class Clean(NamedTuple):
 
   ``g`` is local, the mean over a group, or the mean over the axis
   (per-device, ``group_size`` or ``sync_perturbation``); ``finite`` is
-  agreed over the axis, so every member takes the same path.
+  agreed over the axis, so every member takes the same path. ``local`` is
+  this member's own clean gradient (``g`` itself without an axis), which a
+  radius controller compares with the perturbed one.
   """
 
   g: PyTree
   norm: jax.Array
   finite: jax.Array
+  local: PyTree = None
 
 
 class Outcome(NamedTuple):
@@ -76,6 +81,7 @@ class Outcome(NamedTuple):
   took: jax.Array  # 1.0 where the pass ran and gave a finite gradient
   bad: jax.Array  # 1.0 where the perturbed gradient was not finite
   out_norm: jax.Array
+  change: jax.Array  # ‖g_p - g‖ / ‖g‖ for a radius controller, else 0
 
 
 def gradient_closure(
@@ -116,15 +122,22 @@ def clean_gradient(cfg: Config, local: PyTree) -> Clean:
   finite = jnp.isfinite(norm)
   if cfg.axis.active:
     finite = jnp.logical_not(cfg.axis.any(jnp.logical_not(finite)))
-  return Clean(g, norm, finite)
+  return Clean(g, norm, finite, local)
 
 
-def radius(cfg: Config, count: jax.Array) -> jax.Array:
-  """``rho`` at step ``count``; a traced or scheduled value is clipped at 0."""
-  rho_t = jnp.asarray(cfg.rho(count) if callable(cfg.rho) else cfg.rho)
-  if cfg.static_rho is None:  # a Python number was checked at construction
-    rho_t = jnp.maximum(rho_t, 0)
-  return rho_t
+def radius(cfg: Config, count: jax.Array, state: Any) -> jax.Array:
+  """``rho`` in force at step ``count``.
+
+  A traced or scheduled value is clipped at 0; a controller
+  (``rho="auto"``, :func:`~sam_optax.guarded`) sets or scales it from its
+  ``state``.
+  """
+  base = None
+  if cfg.rho is not None:
+    base = jnp.asarray(cfg.rho(count) if callable(cfg.rho) else cfg.rho)
+    if cfg.static_rho is None:  # a Python number was checked at construction
+      base = jnp.maximum(base, 0)
+  return radius_lib.in_force(cfg.controller, state, base)
 
 
 def ascent_direction(
@@ -184,6 +197,9 @@ def perturbed_step(
       cfg, oracle, clean, params, direction, prepared, rho_t, count
   )
   g_adv, loss = oracle(tree.add_scaled(params, offset, jnp.ones((), rho_t.dtype)))
+  change = jnp.zeros((), jnp.float32)
+  if cfg.controller is not None:
+    change = gradient_change(cfg, clean, g_adv)
   if cfg.rule.combine is None:
     out, new_variant = g_adv, variant
   else:
@@ -194,7 +210,23 @@ def perturbed_step(
   if cfg.renormalize:  # back to the clean gradient's norm (StableSAM)
     ratio = clean.norm / jnp.maximum(out_norm, cfg.eps)
     out, out_norm = tree.scale_wide(out, ratio), out_norm * ratio
-  return guard(cfg, clean, out, out_norm, loss, new_variant, variant)
+  return guard(cfg, clean, out, out_norm, loss, new_variant, variant)._replace(
+      change=change
+  )
+
+
+def gradient_change(cfg: Config, clean: Clean, g_adv: PyTree) -> jax.Array:
+  """``‖g_p - g‖ / ‖g‖`` of this member's local gradients, in float32."""
+  local = clean.local
+  local_norm = clean.norm if local is clean.g else tree.global_norm(local)
+  diff = jax.tree.map(
+      lambda a, b: a.astype(tree.wide_dtype(a.dtype))
+      - b.astype(tree.wide_dtype(b.dtype)),
+      g_adv,
+      local,
+  )
+  change = tree.global_norm(diff) / jnp.maximum(local_norm, cfg.eps)
+  return change.astype(jnp.float32)
 
 
 def ascent_offset(
@@ -262,8 +294,9 @@ def guard(
   variant = tree.select(
       ok, cfg.axis.to_varying(new_variant), cfg.axis.to_varying(variant)
   )
+  zero = jnp.zeros((), jnp.float32)
   if cfg.nonfinite == "propagate":
-    return Outcome(out, loss, variant, one, bad, out_norm)
+    return Outcome(out, loss, variant, one, bad, out_norm, zero)
   if cfg.nonfinite == "fallback":
     out = tree.select(ok, out, clean.g)
     out_norm = jnp.where(ok, out_norm, clean.norm)
@@ -271,7 +304,7 @@ def guard(
     out = jax.tree.map(lambda o: jnp.where(ok, o, jnp.zeros_like(o)), out)
     out_norm = jnp.where(ok, out_norm, jnp.zeros_like(out_norm))
   loss = jnp.where(ok, loss, jnp.zeros_like(loss))
-  return Outcome(out, loss, variant, 1 - bad, bad, out_norm)
+  return Outcome(out, loss, variant, 1 - bad, bad, out_norm, zero)
 
 
 def skipped_step(
@@ -280,7 +313,7 @@ def skipped_step(
   """A step without the pass, on the rule's fallback (LookSAM's reuse)."""
   out, variant = cfg.rule.fallback(clean.g, params, variant)
   zero = jnp.zeros((), jnp.float32)
-  return Outcome(out, zero, variant, zero, zero, tree.global_norm(out))
+  return Outcome(out, zero, variant, zero, zero, tree.global_norm(out), zero)
 
 
 def switch(
@@ -315,7 +348,7 @@ def switch(
 def no_pass(clean: Clean, variant: PyTree) -> Outcome:
   """``rho`` is the Python number 0: the clean gradient, no pass compiled."""
   zero = jnp.zeros((), jnp.float32)
-  return Outcome(clean.g, zero, variant, zero, zero, clean.norm)
+  return Outcome(clean.g, zero, variant, zero, zero, clean.norm, zero)
 
 
 def finish(
@@ -325,15 +358,15 @@ def finish(
     state: "SAMState",  # the state before this step
     rho_t: jax.Array,
     updates: PyTree,
-) -> tuple[PyTree, SAMStats, jax.Array, PyTree]:
-  """The output, the statistics, the non-finite count and the variant state.
+) -> tuple[PyTree, SAMStats, jax.Array, PyTree, PyTree]:
+  """The output, the statistics, the non-finite count and the new states.
 
-  Where the clean gradient is not finite, the output is NaN (the state is
+  Where the clean gradient is not finite, the output is NaN (the states are
   kept and nothing is counted), so that ``optax.apply_if_finite`` around the
-  chain skips the step; the output is then averaged over the axis and the
-  statistics recorded.
+  chain skips the step; the output is then averaged over the axis, the
+  radius controller (if any) adapted and the statistics recorded.
   """
-  out, loss, variant, took, bad, out_norm = outcome
+  out, loss, variant, took, bad, out_norm, change = outcome
   if cfg.static_rho != 0.0:  # with rho = 0 the clean gradient is handed on
     out = jax.tree.map(lambda o: jnp.where(clean.finite, o, jnp.nan), out)
     out_norm = jnp.where(clean.finite, out_norm, jnp.nan)
@@ -341,6 +374,7 @@ def finish(
   sam_step = clean.finite & (rho_t > 0)  # a zero rho is no SAM step
   loss, took = jnp.where(sam_step, loss, zero), jnp.where(sam_step, took, zero)
   bad = jnp.where(clean.finite, bad, zero)
+  change = jnp.where(took > 0, change, zero)
   variant = tree.select(
       clean.finite,
       cfg.axis.to_varying(variant),
@@ -348,19 +382,36 @@ def finish(
   )
   if cfg.axis.active:
     out = cfg.axis.mean(out)
+  radius_state, backoffs = state.radius, zero
+  if cfg.controller is not None:
+    measured, any_bad = took > 0, bad > 0
+    if cfg.axis.active:  # one radius for every member
+      change = cfg.axis.mean(change)
+      measured = cfg.axis.any(measured)
+      any_bad = cfg.axis.any(any_bad)
+    radius_state, _ = radius_lib.adapt(
+        cfg.controller, state.radius, change, measured, any_bad, clean.finite
+    )
+    backoffs = radius_state.backoffs
   stats = SAMStats.of(
       grad_norm=clean.norm,
       perturbed_grad_norm=out_norm,
       perturbed_loss=loss,
       rho=rho_t,
       pass_taken=took,
+      grad_change=change,
+      backoffs=backoffs,
   )
   nonfinite_count = state.nonfinite_count + bad.astype(jnp.int32)
   if cfg.axis.active:
     stats = cfg.axis.mean(stats)
     variant = cfg.axis.agree(variant)
     nonfinite_count = cfg.axis.agree(nonfinite_count)
-  return tree.cast_like(out, updates), stats, nonfinite_count, variant
+    radius_state = cfg.axis.agree(radius_state)
+  return (
+      tree.cast_like(out, updates), stats, nonfinite_count, variant,
+      radius_state,
+  )
 
 
 # ------------------------------------------------------------------- helpers

@@ -26,6 +26,11 @@ class SAMStats(NamedTuple):
       0.0 otherwise (``rho == 0``, a step skipped by a variant's own schedule
       such as LookSAM's or by ``sam_pass=False``, or a non-finite result).
       Its mean over steps is the fraction of SAM steps.
+    grad_change: with ``rho="auto"`` or :func:`~sam_optax.guarded`, the
+      gradient change ``‖g_p - g‖ / ‖g‖`` measured at that step (0 without
+      a controller, or on steps without a pass).
+    backoffs: with ``rho="auto"`` or :func:`~sam_optax.guarded`, the number
+      of times the radius has backed off so far; 0 otherwise.
   """
 
   grad_norm: jax.Array
@@ -33,16 +38,21 @@ class SAMStats(NamedTuple):
   perturbed_loss: jax.Array
   rho: jax.Array
   pass_taken: jax.Array
+  grad_change: jax.Array
+  backoffs: jax.Array
 
   @classmethod
   def zeros(cls) -> "SAMStats":
     z = jnp.zeros((), jnp.float32)
-    return cls(z, z, z, z, z)
+    return cls(*(z for _ in cls._fields))
 
   @classmethod
   def of(cls, **values: Any) -> "SAMStats":
-    """Builds stats from scalars, stored as float32 so the state is stable."""
-    return cls(**{k: jnp.asarray(v).astype(jnp.float32) for k, v in values.items()})
+    """Builds stats from scalars (missing ones 0), stored as float32."""
+    return cls(**{
+        k: jnp.asarray(values.get(k, 0.0)).astype(jnp.float32)
+        for k in cls._fields
+    })
 
 
 def sam_stats(opt_state: Any) -> Optional[SAMStats]:
