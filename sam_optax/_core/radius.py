@@ -29,7 +29,6 @@ axis first, so every member keeps the same radius.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
@@ -81,6 +80,11 @@ class RadiusState(NamedTuple):
   log_scale: jax.Array
   measured: jax.Array
   backoffs: jax.Array
+
+
+def _number(x: Any) -> Any:
+  """A Python float, or a traced value as it is (under a sweep's ``vmap``)."""
+  return x if isinstance(x, jax.core.Tracer) else float(x)
 
 
 def _check_shared(caller: str, threshold: Any, backoff: Any) -> None:
@@ -147,9 +151,7 @@ def auto_rho(
       caller, "gain", gain, low=0.0, high=1.0, low_inclusive=False
   )
   validation.check_scalar(caller, "init", init, low=0.0, low_inclusive=False)
-  return AutoRho(
-      float(target), float(threshold), float(backoff), float(gain), float(init)
-  )
+  return AutoRho(*map(_number, (target, threshold, backoff, gain, init)))
 
 
 def guarded(
@@ -192,7 +194,12 @@ def guarded(
   validation.check_scalar(caller, "rho", rho, low=0.0, allow_schedule=True)
   _check_shared(caller, threshold, backoff)
   validation.check_scalar(caller, "recovery", recovery, low=0.0)
-  return GuardedRho(rho, float(threshold), float(backoff), float(recovery))
+  return GuardedRho(rho, *map(_number, (threshold, backoff, recovery)))
+
+
+def is_controlled(rho: Any) -> bool:
+  """Whether ``rho`` asks for a controller (``"auto"``, auto_rho, guarded)."""
+  return isinstance(rho, (str, AutoRho, GuardedRho))
 
 
 def resolve(
@@ -220,7 +227,7 @@ def init(controller: Optional[Controller]) -> Any:
     import optax  # pylint: disable=g-import-not-at-top
 
     return optax.EmptyState()
-  start = math.log(controller.init) if isinstance(controller, AutoRho) else 0.0
+  start = jnp.log(controller.init) if isinstance(controller, AutoRho) else 0.0
   return RadiusState(
       log_scale=jnp.asarray(start, jnp.float32),
       measured=jnp.zeros((), jnp.int32),
@@ -261,18 +268,18 @@ def adapt(
   s = state.log_scale
   measured = measured & finite
   fire = finite & (bad | (measured & (change > controller.threshold)))
-  down = jnp.log(jnp.float32(controller.backoff))
+  down = jnp.log(jnp.asarray(controller.backoff, jnp.float32))
   if isinstance(controller, AutoRho):
     gain = jnp.maximum(
-        jnp.float32(controller.gain),
+        jnp.asarray(controller.gain, jnp.float32),
         1.0 / (state.measured + 1).astype(jnp.float32),
     )
     c = jnp.maximum(jnp.where(measured, change, 1.0), 1e-12)
-    err = jnp.log(jnp.float32(controller.target)) - jnp.log(c)
+    err = jnp.log(jnp.asarray(controller.target, jnp.float32)) - jnp.log(c)
     tracked = jnp.where(measured, s + gain * err, s)
     new = jnp.where(fire, jnp.minimum(tracked, s) + down, tracked)
   else:
-    grown = jnp.minimum(0.0, s + jnp.log1p(jnp.float32(controller.recovery)))
+    grown = jnp.minimum(0.0, s + jnp.log1p(jnp.asarray(controller.recovery, jnp.float32)))
     new = jnp.where(fire, s + down, jnp.where(finite, grown, s))
   new = jnp.clip(new, -80.0, 80.0).astype(jnp.float32)
   return RadiusState(

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax._core import closure, tree, validation
+from sam_optax._core import closure, radius, tree, validation
 from sam_optax._core.builder import ScalarOrSchedule
 from sam_optax._core.stats import SAMStats
 
@@ -269,6 +269,15 @@ def msam(
         "`msam`: `optimizer` must be an optax.GradientTransformation, for"
         " example `optax.sgd(0.1, momentum=0.9)`; got"
         f" {type(optimizer).__name__}."
+    )
+  if radius.is_controlled(rho):
+    raise ValueError(
+        f"`msam`: `rho` must be a number or a schedule; got rho={rho!r}."
+        " MSAM perturbs along the optimizer's own update and never compares"
+        " a clean with a perturbed gradient, which `rho=\"auto\"` and"
+        " `guarded` measure. Use a sharpness-aware transform in front of"
+        " the optimizer instead, e.g. `optax.chain(sam_optax.sam(rho=\"auto\"),"
+        " base)`."
     )
   validation.check_scalar("msam", "rho", rho, low=0.0, allow_schedule=True)
   validation.check_scalar("msam", "eps", eps, low=0.0, low_inclusive=False)

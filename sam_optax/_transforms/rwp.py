@@ -7,7 +7,7 @@ from typing import Any, Optional
 import jax
 import optax
 
-from sam_optax._core import validation
+from sam_optax._core import radius, validation
 from sam_optax._core.builder import ScalarOrSchedule
 from sam_optax._core.collectives import AxisName
 from sam_optax._core.prng import PRNG, KeyLike, RandomKeyState
@@ -120,7 +120,8 @@ def rwp(
     Efficiently Improving Generalization*, TMLR 2024.
     https://arxiv.org/abs/2404.00357
   """
-  validation.check_scalar("rwp", "gamma", gamma, low=0.0, allow_schedule=True)
+  if not radius.is_controlled(gamma):  # "auto" and guarded are checked later
+    validation.check_scalar("rwp", "gamma", gamma, low=0.0, allow_schedule=True)
   validation.check_scalar("rwp", "alpha", alpha, low=0.0, high=1.0)
   perturbations.check_filter_axis("rwp", filter_axis)
   PRNG.of("rwp", key)  # a bad key is reported under this name
