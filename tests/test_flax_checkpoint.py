@@ -25,6 +25,8 @@ DATA = [fm.batch(20 + t) for t in range(4)]
 # One transformation for all runs: it is static in the state, so the resumed
 # run reuses the compiled step.
 TX = optax.chain(sam_optax.sam(0.1), optax.sgd(0.3, momentum=0.9))
+# rho="auto" carries its radius in the state: it must resume with it.
+TX_AUTO = optax.chain(sam_optax.sam("auto"), optax.sgd(0.3, momentum=0.9))
 
 
 @pytest.fixture
@@ -44,13 +46,14 @@ def nnx_loss(model, x, y):
   return fm.cross_entropy(model(x), y)
 
 
-def test_linen_train_state_resumes_bit_identically(tmp_path, no_leftover_threads):
+@pytest.mark.parametrize("tx", [TX, TX_AUTO], ids=["rho", "auto"])
+def test_linen_train_state_resumes_bit_identically(tx, tmp_path, no_leftover_threads):
   step = jax.jit(sam_optax.flax.linen_train_step(linen_loss))
-  full = fm.linen_state(TX)
+  full = fm.linen_state(tx)
   for x, y in DATA:
     full, _ = step(full, x, y, key=KEY)
 
-  half = fm.linen_state(TX)
+  half = fm.linen_state(tx)
   for x, y in DATA[:2]:
     half, _ = step(half, x, y, key=KEY)
   with ocp.StandardCheckpointer() as checkpointer:
@@ -59,7 +62,7 @@ def test_linen_train_state_resumes_bit_identically(tmp_path, no_leftover_threads
 
   # A new process builds a state of the same shapes (another seed) and
   # restores into it.
-  fresh = fm.linen_state(TX, seed=9)
+  fresh = fm.linen_state(tx, seed=9)
   assert fm.max_abs_diff(fresh.params, half.params) > 1e-3
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, fresh)
   with ocp.StandardCheckpointer() as checkpointer:

@@ -278,3 +278,36 @@ def test_sam_pass_block_is_looksam():
     w = w - 0.02 * u
   np.testing.assert_allclose(np.asarray(ns["params"]), w, rtol=1e-5, atol=1e-5)
   assert float(sam_optax.sam_stats(ns["opt_state"]).pass_taken) == 0.0  # t = 9
+
+
+def test_auto_rho_block_follows_the_documented_law():
+  """The block's 20 steps, replayed in float64 with the law of `auto_rho`."""
+  ns = _run('sam_optax.sam(rho="auto")', {})
+  loss = lambda w: np.sum(np.cosh(w)) + np.sum(w[:2] * w[1:])  # noqa: E731
+
+  def grad(w):
+    g = np.sinh(w)
+    g[:2] += w[1:]
+    g[1:] += w[:2]
+    return g
+
+  w, m = np.array([1.0, -2.0, 0.5]), np.zeros(3)
+  log_rho, n, change = np.log(1e-3), 0, 0.0
+  for _ in range(20):
+    g = grad(w)
+    rho = np.exp(log_rho)
+    g_p = grad(w + rho * g / np.linalg.norm(g))
+    change = np.linalg.norm(g_p - g) / np.linalg.norm(g)
+    n += 1
+    new = log_rho + max(0.05, 1.0 / n) * (np.log(0.5) - np.log(change))
+    if change > 1.0:
+      new = min(new, log_rho) + np.log(0.5)
+    log_rho = new
+    m = 0.9 * m + g_p
+    w = w - 0.1 * m
+  stats = sam_optax.sam_stats(ns["opt_state"])
+  np.testing.assert_allclose(np.asarray(ns["params"]), w, rtol=1e-4)
+  np.testing.assert_allclose(float(stats.grad_change), change, rtol=1e-3)
+  np.testing.assert_allclose(float(stats.rho), rho, rtol=1e-4)
+  assert float(loss(np.asarray(ns["params"]))) < loss(np.array([1.0, -2.0, 0.5]))
+  assert isinstance(ns["guarded_tx"], optax.GradientTransformation)

@@ -279,7 +279,8 @@ def adapt(
     tracked = jnp.where(measured, s + gain * err, s)
     new = jnp.where(fire, jnp.minimum(tracked, s) + down, tracked)
   else:
-    grown = jnp.minimum(0.0, s + jnp.log1p(jnp.asarray(controller.recovery, jnp.float32)))
+    recovery = jnp.asarray(controller.recovery, jnp.float32)
+    grown = jnp.minimum(0.0, s + jnp.log1p(recovery))
     new = jnp.where(fire, s + down, jnp.where(finite, grown, s))
   new = jnp.clip(new, -80.0, 80.0).astype(jnp.float32)
   return RadiusState(

@@ -117,7 +117,9 @@ def sharpness_aware(
   ...) are such compositions.
 
   Args:
-    rho: perturbation radius or a schedule of the step count.
+    rho: perturbation radius or a schedule of the step count; ``"auto"``,
+      :func:`sam_optax.auto_rho` or :func:`sam_optax.guarded` for a radius
+      adapted during training (see :mod:`sam_optax` ``auto_rho``).
     perturbation: a :class:`~sam_optax.perturbations.Perturbation`.
     direction: a :class:`~sam_optax.directions.Direction`.
     policy: a :class:`~sam_optax.policies.Policy`, or ``None`` (every step).

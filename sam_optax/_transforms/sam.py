@@ -100,6 +100,9 @@ def sam(
       the step count (0, 1, 2, ...) returning :math:`\rho`. Works with
       ``optax.inject_hyperparams(sam_optax.sam)(rho=...)``. A schedule's or
       traced value below 0 is taken as 0, and recorded so in the stats.
+      ``"auto"`` (or :func:`sam_optax.auto_rho`) chooses and adapts the
+      radius during training; :func:`sam_optax.guarded` adds the collapse
+      guard to a number or a schedule.
     eps: small positive constant added to the gradient norm.
     num_ascent_steps: number ``n`` of ascent steps (``None``: one). With
       ``n > 1`` the
