@@ -23,7 +23,7 @@ def _setup():
     [
         ({"rho": -0.1}, r"`rho` must lie in \[0, inf\); got rho=-0.1"),
         ({"rho": float("nan")}, r"`rho`"),
-        ({"rho": "0.1"}, r"`rho` must be a real number or a schedule"),
+        ({"rho": "0.1"}, r'`rho` must be a number, a schedule, "auto"'),
         ({"rho": jnp.ones(2)}, r"`rho` must be a real number or a schedule"),
         ({"eps": 0.0}, r"`eps` must lie in \(0, inf\); got eps=0.0"),
         ({"eps": -1e-3}, r"`eps`"),

@@ -299,8 +299,8 @@ def test_auto_rho_block_follows_the_documented_law():
     g_p = grad(w + rho * g / np.linalg.norm(g))
     change = np.linalg.norm(g_p - g) / np.linalg.norm(g)
     n += 1
-    new = log_rho + max(0.05, 1.0 / n) * (np.log(0.5) - np.log(change))
-    if change > 1.0:
+    new = log_rho + max(0.05, 1.0 / n) * (np.log(0.2) - np.log(change))
+    if change > 0.5:
       new = min(new, log_rho) + np.log(0.5)
     log_rho = new
     m = 0.9 * m + g_p
