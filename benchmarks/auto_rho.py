@@ -345,7 +345,8 @@ def report(result: dict[str, Any]) -> str:
   sens = sensitivity_table(result)
   if sens:
     lines += ["", "**Sensitivity**: mean test accuracy % against fixed ρ and"
-              " against auto's target (each a 30× range).", "", sens]
+              " against auto's target (each a 30× range).", "", sens, "",
+              f"![auto-rho sensitivity](benchmarks/results/{PLOT_NAME})"]
   stab = stability_table(result)
   if stab:
     lines += ["", stab]
@@ -375,7 +376,7 @@ def stability_table(result: dict[str, Any]) -> str:
   if not st:
     return ""
   nks = list(st["rows"][0]["noise"])
-  head = ["1-D CNN, lr 0.3", *(f"{'clean' if n == '0' else n + '%'}: test %,"
+  head = ["optimizer", *(f"{'clean' if n == '0' else n + '%'}: test %,"
                               " collapsed" for n in nks)]
   rows = []
   for r in st["rows"]:
@@ -389,6 +390,45 @@ def stability_table(result: dict[str, Any]) -> str:
   return (f"**Stability** ({st['model']}, lr {st['lr']}, {len(st['seeds'])}"
           " seeds, where fixed-ρ SAM collapses):\n\n"
           + stats.markdown_table(head, rows))
+
+
+PLOT_NAME = "auto_rho_sensitivity.png"
+
+
+def plot_sensitivity(result: dict[str, Any], path: Path) -> None:
+  """Test accuracy against fixed rho and against auto's target, per setting."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  parts = result["parts"].get("settings")
+  if not parts:
+    return
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+  for i, m in enumerate(parts.values()):
+    for j, (nk, e) in enumerate(m["noise"].items()):
+      label = f"{m['label']}, {'clean' if nk == '0' else nk + '%'}"
+      color = plt.cm.tab20((4 * i + j) % 20)
+      sgd = e["sgd"]["test_acc"]["mean"]
+      for ax, xs, runs in ((axes[0], e["fixed_rho"], e["fixed"]),
+                           (axes[1], e["targets"], e["auto"])):
+        ys = [100 * (r["test_acc"]["mean"] - sgd) for r in runs]
+        ax.plot(xs, ys, "o-", color=color, ms=3, lw=1,
+                label=label if ax is axes[0] else None)
+  for ax, title, default in ((axes[0], "SAM, fixed ρ", DEFAULT_RHO),
+                             (axes[1], "SAM, ρ=auto: its target", DEFAULT_TARGET)):
+    ax.set_xscale("log")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.axvline(default, color="gray", ls=":", lw=1)
+    ax.set_title(title)
+    ax.set_ylim(-30, 8)
+  axes[0].set_xlabel("ρ (30× range)")
+  axes[1].set_xlabel("target gradient change ‖g_p − g‖/‖g‖ (30× range)")
+  axes[0].set_ylabel("test accuracy − tuned SGD (points; clipped at −30)")
+  fig.legend(loc="center right", fontsize=7)
+  fig.tight_layout(rect=(0, 0, 0.83, 1))
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -424,6 +464,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   if s.parts:
     s.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
+  if s.parts or not (s.out / PLOT_NAME).exists():
+    plot_sensitivity(result, s.out / PLOT_NAME)
   if s.readme is not None:
     readme_lib.replace_region(s.readme, START, END, report(result))
   print(json.dumps(result["floors"], indent=1))
