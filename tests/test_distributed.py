@@ -555,3 +555,37 @@ def test_the_members_states_differ_so_the_mean_matters():
   g0 = grad_at(_shard_loss(batch, 0), params, flat(params))
   _, states = stateful_reference(variant, params, batch, _groups("per_device"), 1)
   assert np.linalg.norm(states[0]["d"] - g0) > 0.1 * np.linalg.norm(g0)
+
+
+# ------------------------------------------------- rho="auto" under shard_map
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+@pytest.mark.parametrize("mode", ["per_device", "sync", "group=2"])
+def test_auto_rho_under_shard_map_agrees_on_the_law_of_the_mean_change(mode, check_vma):
+  """Two steps: the output at the radius in force, the radius from mean c."""
+  params, batch = problems.mlp_params(0), _batch()
+  tx = sam_optax.sam("auto", axis_name="batch", **_options(mode))
+  update = _shard_map_update(tx, check_vma=check_vma, cast=check_vma)
+  law = sam_optax.auto_rho()
+  state, log_rho, n = tx.init(params), np.log(law.init), 0
+  for _ in range(2):
+    rho = float(np.exp(log_rho))
+    out, state = update(params, state, *batch)
+    expected = grouped_reference(params, batch, rho, _groups(mode))
+    np.testing.assert_allclose(flat(out), expected, rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(float(state.stats.rho), rho, rtol=1e-5)
+    # Each shard's change between its own clean gradient and its perturbed one.
+    w, changes = flat(params), []
+    for group in _groups(mode):
+      g = np.mean([grad_at(_shard_loss(batch, s), params, w) for s in group], 0)
+      for s in group:
+        g_s = grad_at(_shard_loss(batch, s), params, w)
+        g_p = grad_at(_shard_loss(batch, s), params, w + rho * g / np.linalg.norm(g))
+        changes.append(np.linalg.norm(g_p - g_s) / np.linalg.norm(g_s))
+    c = float(np.mean(changes))
+    n += 1
+    new = log_rho + max(law.gain, 1.0 / n) * (np.log(law.target) - np.log(c))
+    log_rho = min(new, log_rho) + np.log(law.backoff) if c > law.threshold else new
+    np.testing.assert_allclose(float(state.stats.grad_change), c, rtol=1e-3)
+    np.testing.assert_allclose(float(state.radius.log_scale), log_rho, rtol=1e-4)
