@@ -10,6 +10,7 @@ that follows it in ``optax.chain``::
 """
 
 from sam_optax._core.builder import SAMState
+from sam_optax._core.radius_access import get_rho, set_rho
 from sam_optax._core.radius import (
     AutoRho,
     GuardedRho,
@@ -65,6 +66,7 @@ __all__ = (
     "fisher_sam",
     "friendly_sam",
     "gsam",
+    "get_rho",
     "gsam_rho_schedule",
     "guarded",
     "looksam",
@@ -78,6 +80,7 @@ __all__ = (
     "sam",
     "sam_on",
     "sam_stats",
+    "set_rho",
     "sharpness",
     "sharpness_aware",
     "usam",

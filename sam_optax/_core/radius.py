@@ -77,11 +77,14 @@ class RadiusState(NamedTuple):
       guard's factor, at most 0 (:func:`~sam_optax.guarded`); float32.
     measured: number of steps whose gradient change was measured (int32).
     backoffs: number of back-offs so far (int32).
+    auto: True for ``rho="auto"`` (``log_scale`` is ``log rho``), False for
+      :func:`~sam_optax.guarded` (a boolean scalar, constant).
   """
 
   log_scale: jax.Array
   measured: jax.Array
   backoffs: jax.Array
+  auto: jax.Array
 
 
 def _number(x: Any) -> Any:
@@ -231,11 +234,13 @@ def init(controller: Optional[Controller]) -> Any:
     import optax  # pylint: disable=g-import-not-at-top
 
     return optax.EmptyState()
-  start = jnp.log(controller.init) if isinstance(controller, AutoRho) else 0.0
+  auto = isinstance(controller, AutoRho)
+  start = jnp.log(controller.init) if auto else 0.0
   return RadiusState(
       log_scale=jnp.asarray(start, jnp.float32),
       measured=jnp.zeros((), jnp.int32),
       backoffs=jnp.zeros((), jnp.int32),
+      auto=jnp.asarray(auto),
   )
 
 
@@ -291,4 +296,5 @@ def adapt(
       log_scale=new,
       measured=state.measured + measured.astype(jnp.int32),
       backoffs=state.backoffs + fire.astype(jnp.int32),
+      auto=state.auto,
   ), fire

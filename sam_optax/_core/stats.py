@@ -46,6 +46,10 @@ class SAMStats(NamedTuple):
     z = jnp.zeros((), jnp.float32)
     return cls(*(z for _ in cls._fields))
 
+  def as_dict(self) -> dict[str, float]:
+    """The stats as Python floats, for a logger (one device-to-host copy each)."""
+    return {k: float(_unwrap(v)) for k, v in zip(self._fields, self)}
+
   @classmethod
   def of(cls, **values: Any) -> "SAMStats":
     """Builds stats from scalars (missing ones 0), stored as float32."""
@@ -55,7 +59,7 @@ class SAMStats(NamedTuple):
     })
 
 
-def sam_stats(opt_state: Any) -> Optional[SAMStats]:
+def sam_stats(opt_state: Any, *, missing: str = "none") -> Optional[SAMStats]:
   """Finds the :class:`SAMStats` of the first sharpness-aware transform in a state.
 
   Works on the state of any chain, ``optax.inject_hyperparams``,
@@ -64,9 +68,14 @@ def sam_stats(opt_state: Any) -> Optional[SAMStats]:
 
   Args:
     opt_state: an optimizer state, for example ``tx.init(params)``.
+    missing: what a state without a sharpness-aware transform gives:
+      ``"none"`` (default) ``None``; ``"zeros"`` stats of zeros, so that a
+      logging loop runs unchanged on a plain-optimizer baseline; ``"raise"``
+      a ``ValueError``.
 
   Returns:
-    The stats of the first sharpness-aware transform found, or ``None``.
+    The stats of the first sharpness-aware transform found (see
+    :meth:`SAMStats.as_dict` for a logger), or as ``missing`` says.
 
   Examples:
     >>> import jax.numpy as jnp, optax, sam_optax
@@ -86,6 +95,20 @@ def sam_stats(opt_state: Any) -> Optional[SAMStats]:
       if isinstance(leaf, SAMStats)
   ]
   if not found:
+    if missing == "zeros":
+      return SAMStats.zeros()
+    if missing == "raise":
+      raise ValueError(
+          "`sam_stats`: this optimizer state holds no sharpness-aware"
+          " transform. Put one in the chain, e.g."
+          " `optax.chain(sam_optax.sam(rho), base)`, or pass"
+          " `missing=\"zeros\"` to log zeros for a plain optimizer."
+      )
+    if missing != "none":
+      raise ValueError(
+          '`sam_stats`: `missing` must be "none", "zeros" or "raise"; got'
+          f" missing={missing!r}."
+      )
     return None
   # Flax NNX keeps each array of `optimizer.opt_state` in a variable.
   return SAMStats(*(_unwrap(x) for x in found[0]))
