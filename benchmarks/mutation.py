@@ -42,6 +42,7 @@ C = "sam_optax/_core/collectives.py"
 S = "sam_optax/_core/stages.py"
 M = "sam_optax/_core/masking.py"
 T = "sam_optax/_core/tree.py"
+R = "sam_optax/_core/radius.py"
 
 
 def _oracle(*names: str, how: str = "jit") -> list[str]:
@@ -290,9 +291,30 @@ MUTATIONS: tuple[Mutation, ...] = (
         rule=False,
     ),
     Mutation(
+        "auto-rho-never-backs-off", R,
+        "new = jnp.where(fire, jnp.minimum(tracked, s) + down, tracked)",
+        "new = tracked",
+        ["tests/test_auto_rho.py::test_every_case_follows_a_two_pass_reference_at_the_radius_it_reports[sam-auto_backoff]"],
+        ["tests/test_auto_rho.py"],
+    ),
+    Mutation(
+        "auto-rho-first-steps-not-averaged", R,
+        "1.0 / (state.measured + 1).astype(jnp.float32),",
+        "0.0 * (state.measured + 1).astype(jnp.float32),",
+        ["tests/test_auto_rho.py::test_every_case_follows_a_two_pass_reference_at_the_radius_it_reports[sam-auto]"],
+        ["tests/test_auto_rho.py"],
+    ),
+    Mutation(
+        "guarded-rho-never-recovers", R,
+        "grown = jnp.minimum(0.0, s + jnp.log1p(recovery))",
+        "grown = s",
+        ["tests/test_auto_rho.py::test_the_guarded_factor_grows_back_after_a_back_off"],
+        ["tests/test_auto_rho.py"],
+    ),
+    Mutation(
         "traced-rho-not-clipped-at-zero", S,
-        "rho_t = jnp.maximum(rho_t, 0)",
-        "rho_t = rho_t",
+        "base = jnp.maximum(base, 0)",
+        "base = base",
         ["tests/test_errors.py::test_negative_scheduled_rho_is_zero_and_recorded_so"],
         ["tests/test_errors.py"],
     ),

@@ -331,3 +331,21 @@ def test_auto_compiles_no_conditional_and_few_extra_flops():
     assert " conditional(" not in text and "while(" not in text
     flops = c.cost_analysis()["flops"]
     assert flops <= 1.05 * fixed.cost_analysis()["flops"]
+
+
+def test_the_guarded_factor_grows_back_after_a_back_off():
+  """Radii where the perturbed gradient is NaN (w[0] + Δ > 1.5) back off;
+  the others let the factor grow back by ``1 + recovery``."""
+  params = jnp.array([1.0, 2.0])
+  loss_fn = lambda w: 0.5 * jnp.sum(w ** 2) + jnp.sqrt(1.5 - w[0])  # noqa: E731
+  g = np.asarray(jax.grad(loss_fn)(params))
+  reach = g[0] / np.linalg.norm(g)  # w[0] moves by rho * reach
+  tx = sam_optax.sam(sam_optax.guarded(5.0, threshold=1e9, recovery=0.5))
+  state, factor, want = tx.init(params), 1.0, []
+  for _ in range(6):
+    want.append(5.0 * factor)
+    _, state = tx.update(jax.grad(loss_fn)(params), state, params, loss_fn=loss_fn)
+    np.testing.assert_allclose(float(sam_optax.sam_stats(state).rho), want[-1], rtol=1e-5)
+    bad = 1.0 + want[-1] * reach > 1.5
+    factor = factor * 0.5 if bad else min(1.0, factor * 1.5)
+  assert len(set(np.round(want, 4))) >= 4  # backed off, grew back, backed off
