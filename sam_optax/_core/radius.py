@@ -35,6 +35,7 @@ from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from sam_optax._core import validation
 
@@ -231,8 +232,6 @@ def resolve(
 def init(controller: Optional[Controller]) -> Any:
   """The controller's initial state (``optax.EmptyState()`` without one)."""
   if controller is None:
-    import optax  # pylint: disable=g-import-not-at-top
-
     return optax.EmptyState()
   auto = isinstance(controller, AutoRho)
   start = jnp.log(controller.init) if auto else 0.0
@@ -263,8 +262,8 @@ def adapt(
     measured: jax.Array,
     bad: jax.Array,
     finite: jax.Array,
-) -> tuple[RadiusState, jax.Array]:
-  """The next state, and whether this step backed off.
+) -> RadiusState:
+  """The state after this step (``backoffs`` counts a back-off).
 
   Args:
     controller: the :class:`AutoRho` or :class:`GuardedRho`.
@@ -297,4 +296,4 @@ def adapt(
       measured=state.measured + measured.astype(jnp.int32),
       backoffs=state.backoffs + fire.astype(jnp.int32),
       auto=state.auto,
-  ), fire
+  )

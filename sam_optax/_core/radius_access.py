@@ -22,28 +22,24 @@ import optax
 
 from sam_optax._core.builder import SAMState
 from sam_optax._core.radius import RadiusState
+from sam_optax._core.stats import first_node
 
 _Inject = optax.InjectStatefulHyperparamsState
 
 
-def _holds_sam(tree: Any) -> bool:
-  return any(
-      isinstance(x, SAMState)
-      for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, SAMState))
-  )
+def _is_sam(x: Any) -> bool:
+  return isinstance(x, SAMState)
 
 
 def _is_node(x: Any) -> bool:
   if isinstance(x, _Inject):
-    return "rho" in x.hyperparams and _holds_sam(x.inner_state)
-  return isinstance(x, SAMState)
+    inner = first_node(x.inner_state, _is_sam)
+    return "rho" in x.hyperparams and inner is not None
+  return _is_sam(x)
 
 
 def _first(opt_state: Any) -> Any:
-  for x in jax.tree.leaves(opt_state, is_leaf=_is_node):
-    if _is_node(x):
-      return x
-  return None
+  return first_node(opt_state, _is_node)
 
 
 def _auto_flag(state: SAMState) -> Any:

@@ -389,7 +389,7 @@ def finish(
       change = cfg.axis.mean(change)
       measured = cfg.axis.any(measured)
       any_bad = cfg.axis.any(any_bad)
-    radius_state, _ = radius_lib.adapt(
+    radius_state = radius_lib.adapt(
         cfg.controller, state.radius, change, measured, any_bad, clean.finite
     )
     backoffs = radius_state.backoffs

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -87,14 +87,8 @@ def sam_stats(opt_state: Any, *, missing: str = "none") -> Optional[SAMStats]:
     >>> float(sam_optax.sam_stats(state).grad_norm)
     5.0
   """
-  found = [
-      leaf
-      for leaf in jax.tree.leaves(
-          opt_state, is_leaf=lambda x: isinstance(x, SAMStats)
-      )
-      if isinstance(leaf, SAMStats)
-  ]
-  if not found:
+  found = first_node(opt_state, lambda x: isinstance(x, SAMStats))
+  if found is None:
     if missing == "zeros":
       return SAMStats.zeros()
     if missing == "raise":
@@ -111,7 +105,15 @@ def sam_stats(opt_state: Any, *, missing: str = "none") -> Optional[SAMStats]:
       )
     return None
   # Flax NNX keeps each array of `optimizer.opt_state` in a variable.
-  return SAMStats(*(_unwrap(x) for x in found[0]))
+  return SAMStats(*(_unwrap(x) for x in found))
+
+
+def first_node(tree: Any, is_node: Callable[[Any], bool]) -> Any:
+  """The first subtree of ``tree`` (in leaf order) for which ``is_node`` holds."""
+  for x in jax.tree.leaves(tree, is_leaf=is_node):
+    if is_node(x):
+      return x
+  return None
 
 
 def _unwrap(x: Any) -> Any:
