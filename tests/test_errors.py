@@ -153,6 +153,7 @@ def test_negative_scheduled_rho_is_zero_and_recorded_so():
     [
         (lambda: sam_optax.sam(eps=0.0), r"^`sam`: `eps`"),
         (lambda: sam_optax.asam(eta=-1.0), r"^`asam`: `eta`"),
+        (lambda: sam_optax.asam(eta=0.0), r"^`asam`: `eta` must lie in \(0, inf\); got eta=0.0"),
         (lambda: sam_optax.looksam(k=0), r"^`looksam`: `k`"),
         (lambda: sam_optax.rwp(alpha=2.0), r"^`rwp`: `alpha`"),
         (lambda: sam_optax.ae_sam(total_steps=10, delta=1.0), r"^`ae_sam`: `delta`"),

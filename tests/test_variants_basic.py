@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -71,7 +73,11 @@ def test_asam_is_scale_invariant_where_sam_is_not():
     _, state = _update(tx, params, loss_fn)
     return float(sam_optax.sam_stats(state).perturbed_loss)
 
-  asam = sam_optax.asam(0.5, eta=0.0)
+  # η = 0 (exact invariance) is ASAM's geometry composed by hand: `asam`
+  # itself requires η > 0.
+  asam = sam_optax.sharpness_aware(
+      0.5, perturbation=sam_optax.perturbations.adaptive(eta=0.0)
+  )
   np.testing.assert_allclose(perturbed_loss(asam, p), perturbed_loss(asam, q), rtol=1e-4)
   sam = sam_optax.sam(0.5)
   assert abs(perturbed_loss(sam, p) - perturbed_loss(sam, q)) > 1e-2
@@ -81,8 +87,17 @@ def test_asam_bad_mask():
   params, loss_fn = problems.mlp_problem()
   with pytest.raises(ValueError, match=r"`mask` must have the tree structure"):
     sam_optax.asam(0.5, mask={"layer1": True}).init(params)
-  with pytest.raises(ValueError, match=r"`eta` must lie in \[0, inf\); got eta=-1"):
+  with pytest.raises(ValueError, match=r"`eta` must lie in \(0, inf\); got eta=-1"):
     sam_optax.asam(0.5, eta=-1)
+
+
+@pytest.mark.parametrize("eta", [0, 0.0, -0.0, np.float32(0.0)])
+def test_asam_rejects_a_zero_eta_at_construction(eta):
+  # The docstring promises η > 0: η = 0 leaves zero weights unperturbable.
+  match = r"^`asam`: `eta` must lie in \(0, inf\); got eta=" + re.escape(repr(eta))
+  with pytest.raises(ValueError, match=match):
+    sam_optax.asam(0.5, eta=eta)
+  sam_optax.asam(0.5, eta=1e-8)  # any positive offset is accepted
 
 
 # ----------------------------------------------------------------------- USAM

@@ -48,7 +48,8 @@ def asam(
   Args:
     rho: neighbourhood radius (a number or a schedule of the step count).
       ASAM's ρ is about ten times SAM's (0.5 on CIFAR-10, 1.0 on CIFAR-100).
-    eta: offset :math:`\eta > 0` that keeps zero weights perturbable.
+    eta: offset :math:`\eta > 0` that keeps zero weights perturbable
+      (0.01 in the official code).
     mask: which leaves are adaptive: ``None`` (all), a pytree of booleans with
       the structure of ``params``, or a callable ``params -> pytree``.
     eps: added to the norm in the denominator.
@@ -59,6 +60,12 @@ def asam(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
+
+  Raises:
+    ValueError: if ``eta`` is not positive, besides the checks of
+      :func:`sam_optax.sam`. (For :math:`\eta = 0`, exact scale invariance
+      with zero weights left unperturbed, compose
+      ``sharpness_aware(rho, perturbation=perturbations.adaptive(0.0))``.)
 
   Examples:
     Biases excluded from the adaptive scaling:
@@ -77,6 +84,7 @@ def asam(
     Scale-Invariant Learning of Deep Neural Networks*, ICML 2021.
     https://arxiv.org/abs/2102.11600
   """
+  validation.check_scalar("asam", "eta", eta, low=0.0, low_inclusive=False)
   return sharpness_aware(
       rho,
       perturbation=perturbations.adaptive(eta, mask=mask, eps=eps),
