@@ -19,6 +19,10 @@ def with_sam(
   Shorthand for ``optax.chain(sam_optax.sam(rho, **sam_kwargs), optimizer)``;
   the chain form is the primitive and composes with anything else.
 
+  Choosing rho: ``rho`` is SAM's radius itself, handed to
+  :func:`sam_optax.sam`: 0.05 by default, as in Foret et al. (2021), who use
+  0.1 for fine-tuning; see :func:`sam_optax.sam`.
+
   Args:
     optimizer: the base optimizer, for example ``optax.adamw(1e-3)``.
     rho: perturbation radius or schedule, passed to :func:`sam_optax.sam`.

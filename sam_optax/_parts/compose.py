@@ -116,6 +116,16 @@ def sharpness_aware(
   :func:`sam_optax.looksam`, :func:`sam_optax.rwp`, :func:`sam_optax.esam`,
   ...) are such compositions.
 
+  Choosing rho: ρ means what the ``perturbation`` part makes of it. With
+  ``l2`` (the default), ``vasso``, ``friendly`` or ``fisher_mask`` it is
+  SAM's radius (0.05, Foret et al., 2021; ``fisher`` gives a length of at
+  most ρ); with ``adaptive`` it is ASAM's, about 10 times larger (0.5 on
+  CIFAR-10, Kwon et al., 2021); with ``unnormalized`` a step size (see
+  :func:`sam_optax.usam`); with ``random`` RWP's relative noise scale (0.01,
+  Li et al., 2022); ``random_mask`` lengthens its inner perturbation by
+  1/β and ``masked`` concentrates it (see :func:`sam_optax.masked_sam`). The
+  named variants' docstrings give the values their authors use.
+
   Args:
     rho: perturbation radius or a schedule of the step count; ``"auto"``,
       :func:`sam_optax.auto_rho` or :func:`sam_optax.guarded` for a radius

@@ -67,6 +67,11 @@ def ae_sam(
   ``sam_stats(state).pass_taken`` records the decision, so its mean is the
   fraction of SAM steps.
 
+  Choosing rho: SAM's values: the steps that take the pass are SAM steps of
+  radius ρ and the others ignore it, so start from SAM's 0.05 (Foret et al.,
+  2021). The policy only decides how often SAM runs; the values of ρ, δ and
+  the λs in Jiang et al. (2023) are not checked here.
+
   Args:
     rho: SAM's perturbation radius, or a schedule of the step count. With
       ``rho == 0`` every step returns ``g`` (the moving averages still

@@ -45,9 +45,16 @@ def asam(
   pass, like :func:`sam_optax.sam`, and follows the same ``update`` protocol
   (``loss_fn=`` or ``grad_fn=``).
 
+  Choosing rho: about ten times SAM's. Kwon et al. (2021) use ρ = 0.5 on
+  CIFAR-10 and 1.0 on CIFAR-100, with η = 0.01; Mordido et al.
+  (Lookbehind-SAM, ICML 2024) likewise pair ASAM's 0.5 with SAM's 0.05. The
+  radius is measured relative to the weights, :math:`\|T_w^{-1}\hat\epsilon\|
+  = \rho`, so :math:`\|\hat\epsilon\| \le \rho \max(|w| + \eta)`: with weights
+  well below 1 in magnitude it is much shorter than SAM's at the same ρ.
+
   Args:
-    rho: neighbourhood radius (a number or a schedule of the step count).
-      ASAM's ρ is about ten times SAM's (0.5 on CIFAR-10, 1.0 on CIFAR-100).
+    rho: neighbourhood radius (a number or a schedule of the step count);
+      about ten times SAM's, see "Choosing rho" above.
     eta: offset :math:`\eta > 0` that keeps zero weights perturbable
       (0.01 in the official code).
     mask: which leaves are adaptive: ``None`` (all), a pytree of booleans with

@@ -54,6 +54,13 @@ def fisher_sam(
 
   Cost: one extra forward/backward pass, like :func:`sam_optax.sam`.
 
+  Choosing rho: SAM's scale, from below. Since :math:`F \succeq I`, the
+  Euclidean length of :math:`\hat\epsilon` is at most ρ: equal to it where
+  :math:`\eta\, g \odot g` is small, shorter where the gradient is large, so
+  at the same ρ Fisher SAM never moves further than SAM. Start from SAM's
+  0.05 (Foret et al., 2021); the values Kim et al. (2022) use for ρ (their
+  γ) and η are not checked here, so tune both per task.
+
   Args:
     rho: radius :math:`\rho` of the ellipsoid (the paper's :math:`\gamma`), a
       number or a schedule; tune it per task.

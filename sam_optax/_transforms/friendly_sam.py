@@ -57,9 +57,12 @@ def friendly_sam(
   Cost: one extra forward/backward pass, like :func:`sam_optax.sam`, plus one
   parameter-sized float32 buffer.
 
+  Choosing rho: SAM's scale: the perturbation has length ρ, as SAM's, and
+  only its direction differs. The authors' optimizer defaults to 0.05 and
+  their CIFAR-100 ResNet-18 script uses 0.2 (Li et al., 2024, official code).
+
   Args:
-    rho: perturbation radius or schedule. The authors' CIFAR scripts use
-      ``rho=0.2`` (ResNet-18, CIFAR-100); their optimizer's default is 0.05.
+    rho: perturbation radius or schedule (see "Choosing rho" above).
     sigma: weight :math:`\sigma \ge 0` of the subtracted moving average.
     lam: decay :math:`\lambda \in [0, 1]` of the moving average. The
       authors' scripts use 0.6 and 0.95; their optimizer's default is 0.9.

@@ -48,6 +48,12 @@ def gsam(
   ``alpha = 0`` is SAM. The paper ties ρ to the learning rate; see
   :func:`gsam_rho_schedule`.
 
+  Choosing rho: SAM's scale, since the perturbation is SAM's (length ρ).
+  Zhuang et al. (2022) tie ρ to the learning rate
+  (:func:`gsam_rho_schedule`); the official big_vision configuration for
+  ViT-B/32 decays it from 0.6 to 0.1 with the learning rate, with α = 0.6.
+  With a constant ρ, start from SAM's 0.05 (Foret et al., 2021).
+
   Args:
     rho: perturbation radius or schedule.
     alpha: weight :math:`\alpha \ge 0` of the orthogonal component.

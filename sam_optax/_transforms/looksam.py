@@ -78,6 +78,12 @@ def looksam(
   ``k``, and compare with :func:`sam_optax.sam` at the same ``rho`` before
   relying on the savings.
 
+  Choosing rho: ρ acts only on the exact steps, which are SAM steps, so start
+  from SAM's ρ (0.05, Foret et al., 2021); Liu et al. (2022) use ``k=5`` and
+  α ≈ 0.7. ρ does not set the size of the reused component (see the warning
+  above): a smaller ρ does not make the in-between steps gentler, a smaller
+  ``alpha`` does.
+
   Args:
     rho: perturbation radius or schedule.
     k: period of the exact SAM steps (an int >= 1).

@@ -137,6 +137,14 @@ def masked_sam(
   normalization layers) and :func:`sam_optax.fisher_masked_sam` (a mask
   chosen by a Fisher score and refreshed during training).
 
+  Choosing rho: it depends on ``normalize`` and on how much the mask selects.
+  With ``"full"`` the perturbation is SAM's with entries zeroed (length at
+  most ρ), so SAM's values apply: SSAM's scripts (Mi et al., 2022) use
+  ρ = 0.1 on CIFAR-10 at sparsities 0.5 to 0.99. With ``"masked"`` the whole
+  length ρ goes into the selected entries, and the smaller the selection the
+  larger the useful ρ: for the normalization layers alone it is about 1, 5
+  to 50 times SAM's (Mueller et al., 2023; see :func:`sam_optax.sam_on`).
+
   Args:
     rho: perturbation radius or schedule.
     mask: which entries are perturbed: ``None`` (all: plain SAM), a pytree
@@ -249,6 +257,13 @@ def fisher_masked_sam(
   ``sparsity=1`` (which perturbs nothing). Between refreshes the mask
   is frozen in the state (:class:`FisherMaskState`), so it persists across
   ``jit`` calls and checkpoints.
+
+  Choosing rho: SAM's values with the default ``normalize="full"``: the
+  perturbation is SAM's with the unselected entries zeroed, so its length is
+  at most ρ. Zhong et al. (2022) use ρ = 0.05 (their run script), and SSAM's
+  scripts (Mi et al., 2022) ρ = 0.1 on CIFAR-10, both in SAM's range. With
+  ``normalize="masked"`` the length is ρ itself, longer than with ``"full"``
+  by the factor :math:`\|g\| / \|M \odot g\|`.
 
   Args:
     rho: perturbation radius or schedule.

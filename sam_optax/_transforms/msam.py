@@ -217,13 +217,16 @@ def msam(
   the rounding of the extra (zero) terms, a few ulps. Cost: one
   parameter-sized buffer, no extra forward or backward pass.
 
+  Choosing rho: about 15 times SAM's. The authors' example commands (Becker
+  et al., 2024) use ρ = 3 for SGD and AdamW on CIFAR-100 and ImageNet, where
+  they use 0.2 for SAM.
+
   Args:
     optimizer: the base optimizer, typically ``optax.sgd(lr, momentum=0.9)``
       (also with weight decay, e.g. through ``optax.add_decayed_weights``),
       or an ``optax.MultiSteps`` around one.
-    rho: perturbation radius, or a schedule of the step count. The authors'
-      example commands use 3 for SGD and AdamW on CIFAR-100 and ImageNet,
-      where they use 0.2 for SAM.
+    rho: perturbation radius, or a schedule of the step count; about 15
+      times SAM's, see "Choosing rho" above.
     eps: added to the norm of the direction.
     direction: ``"update"`` (default) perturbs along the optimizer's update,
       ``"momentum"`` along its first moment (the authors' AdamW_MSAM); the

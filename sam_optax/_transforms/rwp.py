@@ -76,10 +76,17 @@ def rwp(
   the clean gradient is the caller's; pass a ``loss_fn`` (or ``grad_fn``)
   closed over a second batch to reproduce the two-batch estimator.
 
+  Choosing rho: here ``gamma``, a relative noise scale rather than a radius,
+  with no conversion from SAM's ρ: each entry of a filter gets noise of
+  standard deviation γ times the filter's norm, so a filter of :math:`n`
+  entries moves by about :math:`\gamma \sqrt{n}` times its norm, more in wider
+  layers. Li et al. (2022; TMLR 2024) use γ = 0.01 on CIFAR and 0.005 on
+  ImageNet, with α = 0.5.
+
   Args:
-    gamma: relative noise scale :math:`\gamma \ge 0` (0.01 on CIFAR, 0.005
-      on ImageNet in the paper), or a schedule of the step count. Plays the
-      role of SAM's ``rho``; ``sam_stats(state).rho`` records it.
+    gamma: relative noise scale :math:`\gamma \ge 0`, or a schedule of the
+      step count (see "Choosing rho" above). Plays the role of SAM's
+      ``rho``; ``sam_stats(state).rho`` records it.
     alpha: weight :math:`\alpha \in [0, 1]` of the perturbed gradient.
     key: a non-negative int seed or a JAX PRNG key (typed, or a legacy
       ``uint32`` key) for the noise.

@@ -95,6 +95,13 @@ def sam(
     ``chain(sam(rho), clip_by_global_norm(1.0), sgd(lr))``. Clipping before
     ``sam`` is nearly meaningless, since :math:`\hat\epsilon` is normalized.
 
+  Choosing rho: 0.05, the paper's default, is the usual first value; Foret
+  et al. (2021) use 0.1 for fine-tuning, and Bahri et al. (ACL 2022)
+  fine-tune T5 with 0.05 (Small) and 0.15 (larger models), chosen from 0.02
+  to 0.3. SAM's ρ is the yardstick for the other variants, whose docstrings
+  state their ρ relative to it. ``rho="auto"`` adapts the radius during
+  training instead.
+
   Args:
     rho: perturbation radius :math:`\rho \ge 0`, or a schedule: a callable of
       the step count (0, 1, 2, ...) returning :math:`\rho`. Works with

@@ -127,11 +127,15 @@ def sam_on(
   This is :func:`sam_optax.masked_sam` with the mask defaulting to
   :func:`sam_optax.normalization_mask`.
 
+  Choosing rho: much larger than SAM's, since only the normalization
+  parameters (often under 0.1% of the weights) are perturbed: useful values
+  are about 1, 5 to 50 times SAM's (Mueller et al., 2023). The official
+  training script defaults to 0.5, and its README trains the adaptive
+  variant, ASAM-ON, with ρ = 10. Tune on a wide, logarithmic grid.
+
   Args:
-    rho: perturbation radius or schedule. The default 0.5 is the official
-      training script's default (its README example trains the adaptive
-      variant, ASAM-ON, with ρ = 10). Since only a tiny subspace is
-      perturbed, useful values lie far above SAM's; tune on a wide grid.
+    rho: perturbation radius or schedule; far above SAM's, see "Choosing
+      rho" above.
     mask: ``None`` (select by Flax naming with
       :func:`sam_optax.normalization_mask`), or an explicit mask as in
       :func:`sam_optax.masked_sam` (preferred for other naming schemes).

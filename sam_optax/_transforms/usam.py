@@ -36,6 +36,14 @@ def usam(
   perturbation shrinks with the gradient near a minimum, which makes USAM's
   dynamics easier to analyse (and more stable at high learning rates).
 
+  Choosing rho: ρ is a step size, not a radius: the perturbation
+  :math:`\rho \nabla L(w)` has length :math:`\rho \|g\|`. It matches SAM with
+  radius :math:`\rho_{\mathrm{SAM}}` on steps where :math:`\rho =
+  \rho_{\mathrm{SAM}} / \|g\|`, so divide SAM's ρ (0.05, Foret et al., 2021)
+  by a typical clean gradient norm (``sam_stats(state).grad_norm`` of a short
+  run); the perturbation then shrinks with the gradient near a minimum
+  (Andriushchenko and Flammarion, 2022).
+
   Args:
     rho: ascent step size (a number or a schedule of the step count).
     num_ascent_steps: number of ascent steps of size ``rho / n`` each.
