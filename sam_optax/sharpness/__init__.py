@@ -24,6 +24,11 @@ fixed key, so the loss is a deterministic function of the parameters::
 * Pictures (need matplotlib, the ``examples`` extra):
   :func:`plot_loss_curve`, :func:`plot_loss_contour`,
   :func:`plot_loss_surface`, :func:`plot_sharpness_vs_rho`.
+
+The results are NamedTuples that print as short summaries (scalars to 4
+significant digits, parameter trees as their leaf and value counts, long
+arrays as their shape and range), so ``print(result)`` stays readable for
+any model; the fields hold the full arrays.
 """
 
 from sam_optax.sharpness._hessian import (

@@ -178,3 +178,98 @@ def standard_normal(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.A
 
 
 random_like = jax.jit(normal_like)
+
+
+# ------------------------------------------------------------- summaries (repr)
+
+
+def format_number(value: Any) -> str:
+  """A Python or NumPy scalar with 4 significant digits (bools and ints as is)."""
+  if isinstance(value, (bool, np.bool_)):
+    return str(bool(value))
+  if isinstance(value, (int, np.integer)):
+    return str(int(value))
+  return f"{float(value):.4g}"
+
+
+def _shape_and_dtype(x: Any) -> str:
+  shape = "x".join(str(d) for d in jnp.shape(x)) or "scalar"
+  try:
+    dtype = jnp.result_type(x).name
+  except Exception:  # pylint: disable=broad-except
+    dtype = type(x).__name__
+  return f"{shape} {dtype}"
+
+
+def format_array(x: Any, max_items: int = 4) -> str:
+  """A short text for an array: its value(s), or a summary when it is large.
+
+  A scalar is written with 4 significant digits, a vector of at most
+  ``max_items`` entries as a list; anything larger as its shape, dtype and
+  range. Traced values (inside ``jit``) give their shape and dtype only.
+  """
+  if x is None:
+    return "None"
+  try:
+    a = np.asarray(x)
+  except Exception:  # pylint: disable=broad-except  (a tracer, say)
+    return f"<traced {_shape_and_dtype(x)}>"
+  if a.dtype == object:
+    return f"<{type(x).__name__}>"
+  if a.ndim == 0:
+    return format_number(a.item())
+  if a.ndim == 1 and a.size <= max_items:
+    return "[" + ", ".join(format_number(v) for v in a.tolist()) + "]"
+  text = f"<{_shape_and_dtype(a)}"
+  if a.size and np.issubdtype(a.dtype, np.number):
+    finite = a[np.isfinite(a)] if np.issubdtype(a.dtype, np.floating) else a
+    if finite.size:
+      text += f": min {format_number(finite.min())}, max {format_number(finite.max())}"
+    if finite.size < a.size:
+      text += f", {a.size - finite.size:,} non-finite"
+  return text + ">"
+
+
+def format_tree(tree: Any, *, batch: int = 0) -> str:
+  """``<3 leaves, 1,234 floats>``: a summary of a pytree, without its values.
+
+  With ``batch=k`` the leaves carry a leading axis of ``k`` stacked trees
+  (for example ``k`` eigenvectors), and the count is given per tree.
+  """
+  if tree is None:
+    return "None"
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return "<empty tree>"
+  size = sum(int(np.prod(jnp.shape(x), dtype=np.int64)) for x in leaves)
+  floating = all(
+      jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in leaves
+  )
+  kind = "floats" if floating else "values"
+  noun = "leaf" if len(leaves) == 1 else "leaves"
+  if batch:
+    return f"<{batch} x ({len(leaves)} {noun}, {size // batch:,} {kind} each)>"
+  return f"<{len(leaves)} {noun}, {size:,} {kind}>"
+
+
+def format_coords(x: Any) -> str:
+  """Grid coordinates as ``<21 points in [-1, 1]>``."""
+  try:
+    a = np.asarray(x)
+  except Exception:  # pylint: disable=broad-except
+    return f"<traced {_shape_and_dtype(x)}>"
+  if a.ndim != 1 or not a.size:
+    return format_array(a)
+  return (
+      f"<{a.size} points in [{format_number(a.min())},"
+      f" {format_number(a.max())}]>"
+  )
+
+
+def summary_repr(name: str, fields: list[tuple[str, str]], width: int = 100) -> str:
+  """``Name(a=..., b=...)`` on one line, or one field a line when too wide."""
+  parts = [f"{key}={value}" for key, value in fields]
+  line = f"{name}({', '.join(parts)})"
+  if len(line) <= width:
+    return line
+  return f"{name}(\n" + "".join(f"    {p},\n" for p in parts) + ")"

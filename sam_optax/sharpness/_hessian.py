@@ -88,6 +88,16 @@ class HessianEigenResult(NamedTuple):
     """The largest eigenvalue, ``eigenvalues[0]``."""
     return self.eigenvalues[0]
 
+  def __repr__(self) -> str:
+    k = jnp.shape(self.eigenvalues)[0] if jnp.ndim(self.eigenvalues) == 1 else 0
+    return _common.summary_repr(type(self).__name__, [
+        ("eigenvalues", _common.format_array(self.eigenvalues)),
+        ("residuals", _common.format_array(self.residuals)),
+        ("num_iters", _common.format_array(self.num_iters)),
+        ("converged", _common.format_array(self.converged)),
+        ("eigenvectors", _common.format_tree(self.eigenvectors, batch=k)),
+    ])
+
 
 def hessian_top_eigenvalue(
     loss_fn: _common.LossFn,
@@ -389,6 +399,13 @@ class HessianTraceResult(NamedTuple):
   trace: jax.Array
   std_error: jax.Array
   samples: jax.Array
+
+  def __repr__(self) -> str:
+    return _common.summary_repr(type(self).__name__, [
+        ("trace", _common.format_array(self.trace)),
+        ("std_error", _common.format_array(self.std_error)),
+        ("samples", _common.format_array(self.samples, max_items=0)),
+    ])
 
 
 def hessian_trace(

@@ -32,6 +32,13 @@ class LossCurve(NamedTuple):
   losses: jax.Array
   aux: Any = None
 
+  def __repr__(self) -> str:
+    return _common.summary_repr(type(self).__name__, [
+        ("alphas", _common.format_coords(self.alphas)),
+        ("losses", _common.format_array(self.losses, max_items=0)),
+        ("aux", _common.format_tree(self.aux)),
+    ])
+
 
 class LossSurface(NamedTuple):
   """A 2-D loss slice, from :func:`loss_slice_2d`.
@@ -50,6 +57,14 @@ class LossSurface(NamedTuple):
   ys: jax.Array
   losses: jax.Array
   aux: Any = None
+
+  def __repr__(self) -> str:
+    return _common.summary_repr(type(self).__name__, [
+        ("xs", _common.format_coords(self.xs)),
+        ("ys", _common.format_coords(self.ys)),
+        ("losses", _common.format_array(self.losses, max_items=0)),
+        ("aux", _common.format_tree(self.aux)),
+    ])
 
 
 def filter_normalize(

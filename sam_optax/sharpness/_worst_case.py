@@ -32,6 +32,14 @@ class SharpnessResult(NamedTuple):
   perturbed_loss: jax.Array
   perturbation: PyTree
 
+  def __repr__(self) -> str:
+    return _common.summary_repr(type(self).__name__, [
+        ("sharpness", _common.format_array(self.sharpness)),
+        ("loss", _common.format_array(self.loss)),
+        ("perturbed_loss", _common.format_array(self.perturbed_loss)),
+        ("perturbation", _common.format_tree(self.perturbation)),
+    ])
+
 
 def _check_common(caller, loss_fn, params, rho, num_steps, step_size, eta):
   _common.check_loss_fn(caller, loss_fn)
@@ -317,6 +325,13 @@ class AverageSharpnessResult(NamedTuple):
   std_error: jax.Array
   loss: jax.Array
 
+  def __repr__(self) -> str:
+    return _common.summary_repr(type(self).__name__, [
+        ("sharpness", _common.format_array(self.sharpness)),
+        ("std_error", _common.format_array(self.std_error)),
+        ("loss", _common.format_array(self.loss)),
+    ])
+
 
 def average_case_sharpness(
     loss_fn: _common.LossFn,
@@ -426,6 +441,13 @@ class MSharpnessResult(NamedTuple):
   sharpness: jax.Array
   group_sharpness: jax.Array
   group_loss: jax.Array
+
+  def __repr__(self) -> str:
+    return _common.summary_repr(type(self).__name__, [
+        ("sharpness", _common.format_array(self.sharpness)),
+        ("group_sharpness", _common.format_array(self.group_sharpness)),
+        ("group_loss", _common.format_array(self.group_loss)),
+    ])
 
 
 def m_sharpness(
