@@ -97,3 +97,103 @@ def test_wrong_inputs_and_missing_matplotlib_are_explained(surface, monkeypatch)
   with pytest.raises(ImportError, match=r"sam_optax\[examples\]"):
     sharpness.plot_loss_contour(surface)
   assert jax.tree.leaves(surface)  # the data side needs no matplotlib
+
+
+# ------------------------------------------------- readable contour defaults
+
+
+def _wall_surface():
+  """A quadratic bowl of radius 0.6 inside a steep wall: losses over 5 decades."""
+
+  def loss(w):
+    r2 = w[0] ** 2 + w[1] ** 2
+    return r2 + 1e4 * jnp.maximum(r2 - 0.36, 0.0)
+
+  return sharpness.loss_slice_2d(loss, W0, DIRS, num_points=41)
+
+
+def _contour_sets(ax):
+  from matplotlib.contour import ContourSet  # pylint: disable=import-outside-toplevel
+
+  return [c for c in ax.collections if isinstance(c, ContourSet)]
+
+
+def test_default_levels_resolve_a_basin_inside_a_steep_wall():
+  surface = _wall_surface()
+  z = np.asarray(surface.losses)
+  low = np.quantile(z, 0.25)
+  assert z.max() > 1e4 * low  # the wall dwarfs the basin
+  ax = sharpness.plot_loss_contour(surface)
+  filled, lines = _contour_sets(ax)
+  for cs in (filled, lines):
+    assert np.sum(cs.levels < low) >= 3, cs.levels
+  # Each band has its own colour: the basin is not one colour band.
+  below = filled.levels[filled.levels < low]
+  colours = filled.cmap(filled.norm(0.5 * (below[:-1] + below[1:])))
+  assert len({tuple(np.round(c, 6)) for c in colours}) == len(below) - 1
+  plt.close(ax.figure)
+  # Evenly spaced levels, the old default, leave the basin in one band.
+  ax = sharpness.plot_loss_contour(surface, spacing="linear")
+  assert np.sum(_contour_sets(ax)[0].levels < low) <= 1
+  plt.close(ax.figure)
+
+
+def test_a_plain_bowl_keeps_evenly_spaced_levels(surface):
+  ax = sharpness.plot_loss_contour(surface, levels=12)
+  levels = _contour_sets(ax)[0].levels
+  assert len(levels) == 12
+  np.testing.assert_allclose(np.diff(levels), np.diff(levels)[0], rtol=1e-6)
+  plt.close(ax.figure)
+  ax = sharpness.plot_loss_contour(surface, levels=12, spacing="quantile")
+  z = np.asarray(surface.losses)
+  np.testing.assert_allclose(
+      _contour_sets(ax)[0].levels, np.unique(np.quantile(z, np.linspace(0, 1, 12)))
+  )
+  plt.close(ax.figure)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"title": "a loss surface"}, {"log": True}])
+def test_default_figure_keeps_labels_and_colorbar_inside(kwargs):
+  ax = sharpness.plot_loss_contour(_wall_surface(), **kwargs)
+  fig = ax.figure
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+  cbar_ax = [a for a in fig.axes if a is not ax]
+  assert len(cbar_ax) == 1
+  box = fig.bbox
+
+  def inside(artist):
+    ext = artist.get_window_extent(renderer)
+    return (
+        ext.x0 >= box.x0 - 0.5 and ext.y0 >= box.y0 - 0.5
+        and ext.x1 <= box.x1 + 0.5 and ext.y1 <= box.y1 + 0.5
+    )
+
+  labels = [ax.xaxis.label, ax.yaxis.label, cbar_ax[0].yaxis.label]
+  assert cbar_ax[0].yaxis.label.get_text() == "loss"
+  if "title" in kwargs:
+    labels.append(ax.title)
+  for label in labels:
+    assert label.get_text() and inside(label), label
+  for a in fig.axes:  # tick labels included
+    ext = a.get_tightbbox(renderer)
+    assert ext.x0 >= -0.5 and ext.y0 >= -0.5, (a, ext)
+    assert ext.x1 <= box.x1 + 0.5 and ext.y1 <= box.y1 + 0.5, (a, ext)
+  plt.close(fig)
+
+
+def test_log_levels_start_at_the_smallest_positive_loss(surface):
+  z = np.asarray(surface.losses)
+  assert z.min() == 0.0  # the centre
+  ax = sharpness.plot_loss_contour(surface, log=True, levels=8)
+  levels = _contour_sets(ax)[0].levels
+  np.testing.assert_allclose(levels[0], z[z > 0].min(), rtol=1e-6)
+  plt.close(ax.figure)
+
+
+def test_bad_contour_options_are_explained(surface):
+  with pytest.raises(ValueError, match=r"`spacing` must be one of 'auto'"):
+    sharpness.plot_loss_contour(surface, spacing="log")
+  with pytest.raises(ValueError, match=r"`levels` must be at least 2"):
+    sharpness.plot_loss_contour(surface, levels=1)
+  plt.close("all")

@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from sam_optax.sharpness import _common
 from sam_optax.sharpness._landscape import LossCurve, LossSurface
 
 
@@ -26,9 +27,12 @@ def _pyplot(caller: str):
 
 
 def _axes(caller: str, ax: Any, projection: Optional[str] = None):
+  """``ax``, or the axes of a new figure whose layout keeps labels inside it."""
   plt = _pyplot(caller)
   if ax is None:
-    fig = plt.figure(figsize=(5, 4) if projection is None else (6, 5))
+    fig = plt.figure(
+        figsize=(5, 4) if projection is None else (6, 5), layout="constrained"
+    )
     ax = fig.add_subplot(projection=projection)
   return plt, ax
 
@@ -41,15 +45,54 @@ def _check_type(caller: str, name: str, value: Any, kind: type) -> None:
     )
 
 
-def _levels(losses: np.ndarray, levels: Union[int, Sequence[float]], log: bool):
+_SPACINGS = ("auto", "linear", "quantile")
+# "auto" spaces the levels by quantiles when the loss range is more than this
+# many times the range of the lowest quarter of the values (a basin inside a
+# steep wall), where linear levels would paint the basin in one colour band.
+_SKEW = 10.0
+
+
+def _levels(
+    caller: str,
+    losses: np.ndarray,
+    levels: Union[int, Sequence[float]],
+    log: bool,
+    spacing: str,
+) -> tuple[np.ndarray, bool]:
+  """The contour levels, and whether they are quantiles (unevenly spaced)."""
   if not isinstance(levels, (int, np.integer)):
-    return np.asarray(levels, dtype=float)
+    return np.asarray(levels, dtype=float), False
+  n = int(levels)
+  if n < 2:
+    raise ValueError(
+        f"`{caller}`: `levels` must be at least 2 (or a sequence of values);"
+        f" got levels={levels!r}."
+    )
   finite = losses[np.isfinite(losses)]
+  if not finite.size:
+    raise ValueError(
+        f"`{caller}`: the surface has no finite loss value to draw; check"
+        " the loss closure and the extent of the slice."
+    )
   lo, hi = float(finite.min()), float(finite.max())
   if log:
-    lo = max(lo, 1e-12)
-    return np.geomspace(lo, max(hi, lo * 1.0001), int(levels))
-  return np.linspace(lo, max(hi, lo + 1e-12), int(levels))
+    positive = finite[finite > 0]
+    lo = float(positive.min()) if positive.size else 1e-12
+    return np.geomspace(lo, max(hi, lo * 1.0001), n), False
+  skewed = hi - lo > _SKEW * (float(np.quantile(finite, 0.25)) - lo)
+  if spacing == "quantile" or (spacing == "auto" and skewed):
+    quantiles = np.unique(np.quantile(finite, np.linspace(0.0, 1.0, n)))
+    if quantiles.size >= 2:
+      return quantiles, True
+  return np.linspace(lo, max(hi, lo + 1e-12), n), False
+
+
+def _sparse_ticks(cbar: Any, levels: np.ndarray) -> None:
+  """About six of ``levels`` as colour-bar ticks, labelled to 3 digits."""
+  ticks = levels[:: max(1, len(levels) // 6)]
+  cbar.set_ticks(ticks)
+  cbar.set_ticklabels([f"{t:.3g}" for t in ticks])
+  cbar.minorticks_off()
 
 
 def plot_loss_curve(
@@ -106,6 +149,7 @@ def plot_loss_contour(
     ax: Any = None,
     levels: Union[int, Sequence[float]] = 30,
     log: bool = False,
+    spacing: str = "auto",
     filled: bool = True,
     colorbar: bool = True,
     title: Optional[str] = None,
@@ -113,15 +157,29 @@ def plot_loss_contour(
 ):
   """Draws a :class:`LossSurface` as a contour map, with the centre marked.
 
+  By default the levels adapt to the surface so that the basin stays
+  visible: evenly spaced over the finite loss range, unless the loss spans
+  more than a decade of the range of its lowest quarter of values (as with
+  a basin inside a steep wall), where evenly spaced levels would leave the
+  whole basin in one colour band. Then the levels are quantiles of the loss
+  values, so each band covers about the same area of the plane, and the
+  colours step evenly from band to band (the colour bar is labelled with
+  the level values). A new figure uses matplotlib's constrained layout, so
+  the axis labels, the title and the colour bar fit inside it.
+
   To compare several surfaces side by side on one colour scale, pass the same
   explicit ``levels`` to each call.
 
   Args:
     surface: from :func:`loss_slice_2d`.
     ax: the matplotlib ``Axes``; a new figure when ``None``.
-    levels: the number of contour levels (spread over the surface's finite
-      range, geometrically when ``log``) or their values.
-    log: logarithmic colour scale.
+    levels: the number of contour levels (at least 2), spread over the
+      surface's finite values as ``spacing`` says (geometrically when
+      ``log``), or their values.
+    log: logarithmic colour scale, from the smallest positive loss.
+    spacing: how a number of ``levels`` is spread: ``"auto"`` (quantiles on
+      a skewed surface, else linear), ``"linear"`` or ``"quantile"``.
+      Ignored with ``log`` or explicit levels.
     filled: filled contours (``contourf``) with line contours on top, or
       lines only.
     colorbar: add a colour bar.
@@ -143,16 +201,21 @@ def plot_loss_contour(
   """
   caller = "plot_loss_contour"
   _check_type(caller, "surface", surface, LossSurface)
-  plt, ax = _axes(caller, ax)
+  _common.check_choice(caller, "spacing", spacing, _SPACINGS)
   xs, ys = np.asarray(surface.xs), np.asarray(surface.ys)
   z = np.asarray(surface.losses, dtype=float)
-  lv = _levels(z, levels, log)
+  lv, uneven = _levels(caller, z, levels, log, spacing)
+  plt, ax = _axes(caller, ax)
+  from matplotlib import colors  # pylint: disable=import-outside-toplevel
+
   norm = None
   if log:
-    from matplotlib.colors import LogNorm  # pylint: disable=import-outside-toplevel
-
-    norm = LogNorm(vmin=lv[0], vmax=lv[-1])
+    norm = colors.LogNorm(vmin=lv[0], vmax=lv[-1])
     z = np.maximum(z, lv[0])
+  elif uneven:  # one colour step per band, however unevenly spaced
+    norm = colors.BoundaryNorm(
+        lv, plt.get_cmap(cmap).N, extend="max" if filled else "neither"
+    )
   if filled:
     mappable = ax.contourf(xs, ys, z, levels=lv, cmap=cmap, norm=norm, extend="max")
     ax.contour(xs, ys, z, levels=lv, colors="k", linewidths=0.3, alpha=0.5)
@@ -166,12 +229,9 @@ def plot_loss_contour(
   if title is not None:
     ax.set_title(title)
   if colorbar:
-    cbar = plt.colorbar(mappable, ax=ax, label="loss", shrink=0.85)
-    if log:
-      ticks = lv[:: max(1, len(lv) // 6)]
-      cbar.set_ticks(ticks)
-      cbar.set_ticklabels([f"{t:.3g}" for t in ticks])
-      cbar.minorticks_off()
+    cbar = ax.figure.colorbar(mappable, ax=ax, label="loss", shrink=0.85)
+    if log or uneven:
+      _sparse_ticks(cbar, lv)
   return ax
 
 
