@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
+import jax.numpy as jnp
 import optax
 from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT
 from flax.training import train_state
@@ -36,6 +37,13 @@ class TrainState(train_state.TrainState):
   them and a ``tx`` that contains no sharpness-aware transform, the closures
   are ignored.
 
+  :meth:`create` stores ``step`` as an int32 array rather than Flax's Python
+  ``0``, so a jitted step compiles once for a fresh state, after the first
+  step, and for a restored state alike. (Orbax restores arrays committed to
+  a device, which ``jax.jit`` also keys on: to reuse the step compiled
+  before a restore, place the fresh state with
+  ``jax.device_put(state, device)``.)
+
   Examples:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
     >>> import flax.linen as nn
@@ -52,6 +60,27 @@ class TrainState(train_state.TrainState):
     >>> int(state.step), bool(loss_fn(state.params) < loss)
     (1, True)
   """
+
+  @classmethod
+  def create(
+      cls, *, apply_fn: Any, params: Any, tx: Any, **kwargs: Any
+  ) -> "TrainState":
+    """Creates a state at step 0, as Flax's ``create``, with ``step`` an array.
+
+    Args:
+      apply_fn: the model's apply function, usually ``model.apply``.
+      params: the parameters to train.
+      tx: the optax transformation; ``opt_state`` is ``tx.init(params)``.
+      **kwargs: the other fields of a subclass, for example
+        ``batch_stats=variables["batch_stats"]``.
+
+    Returns:
+      The state, with ``step`` a scalar int32 array equal to 0 (Flax stores
+      the Python int ``0``, which the first ``apply_gradients`` or an orbax
+      restore turns into an array, a second compilation of a jitted step).
+    """
+    state = super().create(apply_fn=apply_fn, params=params, tx=tx, **kwargs)
+    return state.replace(step=jnp.zeros((), jnp.int32))
 
   def apply_gradients(
       self,
