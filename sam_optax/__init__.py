@@ -87,3 +87,16 @@ __all__ = (
     "vasso",
     "with_sam",
 )
+
+
+def __getattr__(name: str):
+  """Imports ``sam_optax.flax`` on first access, so Flax stays optional.
+
+  ``import sam_optax`` does not import Flax; ``sam_optax.flax`` imports it
+  then (and raises ``ImportError`` with the install command without it).
+  """
+  if name == "flax":
+    import importlib  # noqa: PLC0415
+
+    return importlib.import_module("sam_optax.flax")
+  raise AttributeError(f"module 'sam_optax' has no attribute {name!r}")
