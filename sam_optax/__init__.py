@@ -10,6 +10,12 @@ that follows it in ``optax.chain``::
 """
 
 from sam_optax._core.builder import SAMState
+from sam_optax._core.checks import (
+    GradientCheck,
+    SetupWarning,
+    check_step,
+    debug_checks,
+)
 from sam_optax._core.radius_access import get_rho, set_rho
 from sam_optax._core.radius import (
     AutoRho,
@@ -49,6 +55,7 @@ __all__ = (
     "AutoRho",
     "FisherMaskState",
     "FriendlySAMState",
+    "GradientCheck",
     "GuardedRho",
     "LookSAMState",
     "MSAMState",
@@ -56,10 +63,13 @@ __all__ = (
     "RandomKeyState",
     "SAMState",
     "SAMStats",
+    "SetupWarning",
     "VaSSOState",
     "ae_sam",
     "asam",
     "auto_rho",
+    "check_step",
+    "debug_checks",
     "directions",
     "esam",
     "fisher_masked_sam",

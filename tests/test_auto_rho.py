@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -249,15 +250,19 @@ def test_scan_inject_hyperparams_and_jit_agree_without_recompiling(rho):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_multisteps_adapts_once_per_accumulated_step():
+def test_accumulating_after_auto_adapts_once_per_micro_batch():
   params, loss_fn = problems.mlp_problem(seed=2)
-  tx = optax.MultiSteps(optax.chain(sam_optax.sam("auto"), optax.sgd(LR)), 2)
+  accumulate = optax.MultiSteps(optax.sgd(LR), 2).gradient_transformation()
+  tx = optax.chain(sam_optax.sam("auto"), accumulate)
   s, p = tx.init(params), params
-  for _ in range(4):
+  for i in range(4):
     u, s = tx.update(jax.grad(loss_fn)(p), s, p, loss_fn=loss_fn)
-    p = optax.apply_updates(p, u)
-  radius_state = s.inner_opt_state[0].radius
-  assert int(radius_state.measured) == 2
+    moved = optax.apply_updates(p, u)
+    if i % 2 == 0:  # the accumulating micro-step leaves the weights alone
+      chex.assert_trees_all_equal(moved, p)
+    p = moved
+  radius_state = s[0].radius
+  assert int(radius_state.measured) == 4
   assert float(radius_state.log_scale) != pytest.approx(math.log(1e-3))
 
 

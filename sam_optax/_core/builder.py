@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sam_optax._core import collectives, radius, stages, validation
+from sam_optax._core import checks, closure, collectives, radius, stages, validation
 from sam_optax._core.stats import SAMStats
 
 PyTree = Any
@@ -162,6 +162,7 @@ def build(
   )
 
   def init_fn(params: PyTree) -> SAMState:
+    closure.check_floating(cfg.caller, params, "`params`")
     return SAMState(
         count=jnp.zeros((), jnp.int32),
         stats=SAMStats.zeros(),
@@ -182,11 +183,14 @@ def build(
       **extra_args: Any,
   ) -> tuple[PyTree, SAMState]:
     del extra_args
+    checks.reject_wrappers(cfg.caller)
     oracle, local = stages.gradient_closure(
         cfg, updates, params, loss_fn, grad_fn, loss_scale
     )
-    clean = stages.clean_gradient(cfg, local)
     count = state.count
+    if checks.active():  # opt-in: compiled only while the checks are on
+      checks.compare(cfg.caller, oracle, local, params, count)
+    clean = stages.clean_gradient(cfg, local)
     rho_t = stages.radius(cfg, count, state.radius)
     direction, prepared, variant = stages.ascent_direction(
         cfg, clean, params, state.variant, count

@@ -20,6 +20,7 @@ fix in the message).
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Optional
 
 import jax
@@ -52,7 +53,7 @@ def gradient_oracle(
     raise TypeError(
         f"`{caller}` needs a loss closure to evaluate the gradient at the"
         " perturbed parameters, but `update` was called without `loss_fn` or"
-        " `grad_fn`. Pass it as a keyword argument:\n\n" + _CALL
+        " `grad_fn`." + (_caller_hint() or " Pass it as a keyword argument:\n\n" + _CALL)
     )
   if loss_fn is not None and grad_fn is not None:
     raise ValueError(
@@ -93,6 +94,51 @@ def gradient_oracle(
     return grads, jnp.zeros((), jnp.float32)
 
   return from_grad
+
+
+_FLAX_TRAIN_STATE = """ It was called by Flax's\
+ `flax.training.train_state.TrainState.apply_gradients`, which calls\
+ `tx.update` without the closure and treats `loss_fn=` as a field to replace.\
+ Use `sam_optax.flax.TrainState`, a drop-in subclass that forwards it:
+
+    state = sam_optax.flax.TrainState.create(apply_fn=model.apply,\
+ params=params, tx=tx)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    state = state.apply_gradients(grads=grads, loss_fn=loss_fn)
+
+or let `sam_optax.flax.linen_train_step(model_loss)` build the whole step."""
+
+_NNX_OPTIMIZER = """ It was called by `nnx.Optimizer.update`, which\
+ forwards keyword arguments to `tx.update`: pass the closure there, built\
+ before the clean pass so that both passes draw the same dropout masks:
+
+    closure = sam_optax.flax.nnx_closure(model, model_loss, x, y)
+    loss, grads = nnx.value_and_grad(model_loss)(model, x, y)
+    optimizer.update(model, grads, loss_fn=closure)
+
+or let `sam_optax.flax.nnx_train_step(model_loss)` build the whole step."""
+
+
+def _frames(depth: int = 200):
+  frame = sys._getframe(2)  # pylint: disable=protected-access
+  while frame is not None and depth > 0:
+    yield frame
+    frame, depth = frame.f_back, depth - 1
+
+
+def _caller_hint() -> Optional[str]:
+  """The fix for a missing closure when a known Flax method called ``update``."""
+  for frame in _frames():
+    code = frame.f_code
+    if code.co_name == "apply_gradients":
+      owner = frame.f_locals.get("self")
+      if type(owner).__module__ == "flax.training.train_state":
+        return _FLAX_TRAIN_STATE
+    if code.co_name == "update" and "flax" in code.co_filename:
+      owner = frame.f_locals.get("self")
+      if type(owner).__name__ == "Optimizer":
+        return _NNX_OPTIMIZER
+  return None
 
 
 def scalar_loss(caller: str, out: Any) -> jax.Array:
@@ -149,19 +195,26 @@ def _describe(tree: PyTree) -> str:
   return text if len(text) <= 600 else text[:600] + " ..."
 
 
-_NOT_FLOATING = (
-    "Sharpness-aware transforms perturb and differentiate floating-point"
-    " parameters only. Keep integer and boolean state (step counters, masks,"
-    " indices) out of the optimized parameters, for example in a separate"
-    " collection that `loss_fn` closes over, or apply the transform to the"
-    " floating-point leaves only:\n\n"
-    "    mask = jax.tree.map(lambda x: jnp.issubdtype(x.dtype, jnp.inexact),"
-    " params)\n"
-    "    tx = optax.masked(tx, mask)\n\n"
-    "`optax.masked` then hands `loss_fn`/`grad_fn` the masked tree (with"
-    " `optax.MaskedNode()` in place of the other leaves): put those leaves"
-    " back inside the closure before evaluating the loss."
-)
+_NOT_FLOATING = """\
+Sharpness-aware transforms perturb and differentiate floating-point\
+ parameters only. Keep integer and boolean state (step counters, masks,\
+ indices) out of the optimized parameters, in a separate collection that\
+ `loss_fn` closes over, or apply the transform to the floating-point leaves\
+ only with `optax.masked`, whose closure receives the masked tree\
+ (`optax.MaskedNode()` in place of the other leaves), so put those leaves\
+ back before evaluating the loss:
+
+    mask = jax.tree.map(lambda x: jnp.issubdtype(x.dtype, jnp.inexact), params)
+    tx = optax.masked(tx, mask)
+    is_masked = lambda x: isinstance(x, optax.MaskedNode)
+
+    def masked_loss_fn(masked_params):
+      full = jax.tree.map(lambda m, p: p if is_masked(m) else m,
+                          masked_params, params, is_leaf=is_masked)
+      return loss_fn(full)
+
+    updates, opt_state = tx.update(grads, opt_state, params, loss_fn=masked_loss_fn)
+"""
 
 
 def check_floating(caller: str, tree: PyTree, tree_name: str) -> None:
