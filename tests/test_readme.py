@@ -311,3 +311,15 @@ def test_auto_rho_block_follows_the_documented_law():
   np.testing.assert_allclose(float(stats.rho), rho, rtol=1e-4)
   assert float(loss(np.asarray(ns["params"]))) < loss(np.array([1.0, -2.0, 0.5]))
   assert isinstance(ns["guarded_tx"], optax.GradientTransformation)
+
+
+def test_check_step_block_passes_a_right_chain_and_names_a_wrong_one():
+  ns = _mlp_namespace()
+  ns["loss_fn"] = lambda p: ns["loss"](p, ns["x"], ns["y"])
+  right = optax.chain(sam_optax.sam(0.05), optax.sgd(0.1))
+  ns.update(tx=right, opt_state=right.init(ns["params"]))
+  _run("sam_optax.check_step(tx, grads", ns)  # passes silently
+  wrong = optax.chain(optax.sgd(0.1), sam_optax.sam(0.05))
+  ns.update(tx=wrong, opt_state=wrong.init(ns["params"]))
+  with pytest.raises(ValueError, match=r"optax\.chain\(sam_optax\.sam\(\.\.\.\), optax"):
+    _run("sam_optax.check_step(tx, grads", ns)
