@@ -22,7 +22,7 @@ def _setup():
     "kwargs, match",
     [
         ({"rho": -0.1}, r"`rho` must lie in \[0, inf\); got rho=-0.1"),
-        ({"rho": float("nan")}, r"`rho`"),
+        ({"rho": float("nan")}, r"`rho` must be a number, got rho=nan"),
         ({"rho": "0.1"}, r'`rho` must be a number, a schedule, "auto"'),
         ({"rho": jnp.ones(2)}, r"`rho` must be a real number or a schedule"),
         ({"eps": 0.0}, r"`eps` must lie in \(0, inf\); got eps=0.0"),
@@ -184,3 +184,15 @@ def test_axis_name_outside_a_mapped_context():
   tx = sam_optax.sam(0.05, axis_name="batch")
   with pytest.raises(ValueError, match=r"`sam`: `axis_name='batch'` names an axis that is not bound.*shard_map"):
     tx.update(grads, tx.init(params), params, loss_fn=loss_fn)
+
+
+def test_nan_without_a_lower_bound_is_called_nan():
+  with pytest.raises(ValueError, match=r"`lambda_start` must be a number, got lambda_start=nan"):
+    sam_optax.ae_sam(lambda_start=float("nan"), total_steps=10)
+
+
+def test_msam_rejects_integer_leaves_at_init():
+  with pytest.raises(ValueError, match=r"`msam`: `params` has a leaf of dtype int32"):
+    sam_optax.msam(optax.sgd(0.1, momentum=0.9)).init(
+        {"w": jnp.ones(2), "n": jnp.asarray(1, jnp.int32)}
+    )

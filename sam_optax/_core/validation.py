@@ -118,13 +118,15 @@ def check_scalar(
         f"`{caller}`: `{name}` must be {kind}, got {name}={value!r}."
     )
   x = float(arr)
+  if math.isnan(x):
+    raise ValueError(f"`{caller}`: `{name}` must be a number, got {name}=nan.")
   if math.isinf(x):
     raise ValueError(
         f"`{caller}`: `{name}` must be finite; got {name}={value!r}."
     )
   lo_ok = x >= low if low_inclusive else x > low
   hi_ok = x <= high if high_inclusive else x < high
-  if not (lo_ok and hi_ok) or math.isnan(x):
+  if not (lo_ok and hi_ok):
     lo = ("[" if low_inclusive else "(") + f"{low:g}"
     hi = f"{high:g}" + ("]" if high_inclusive and high < math.inf else ")")
     raise ValueError(

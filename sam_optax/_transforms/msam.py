@@ -289,6 +289,7 @@ def msam(
   static_rho = _static_number(rho)
 
   def init_fn(params: Any) -> MSAMState:
+    closure.check_floating("msam", params, "`params`")
     inner_state = inner.init(params)
     if direction == "momentum":
       _first_moment(inner_state)  # raises unless there is exactly one
