@@ -1,4 +1,4 @@
-"""Flax Linen: `TrainState`, `linen_loss_fn` and `linen_train_step`."""
+"""Flax Linen: `TrainState`, `linen_closure` and `linen_train_step`."""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def test_closure_by_hand_equals_train_step():
 
   @jax.jit
   def by_hand(state):
-    loss_fn = sam_optax.flax.linen_loss_fn(
+    closure = sam_optax.flax.linen_closure(
         state.apply_fn,
         ce_loss,
         x,
@@ -129,11 +129,11 @@ def test_closure_by_hand_equals_train_step():
         model_state={"batch_stats": state.batch_stats},
         rngs={"dropout": dropout_key},
     )
-    (loss, (model_state, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, (model_state, _)), grads = jax.value_and_grad(closure, has_aux=True)(
         state.params
     )
     state = state.apply_gradients(
-        grads=grads, loss_fn=loss_fn, batch_stats=model_state["batch_stats"]
+        grads=grads, loss_fn=closure, batch_stats=model_state["batch_stats"]
     )
     return state, loss
 
@@ -238,14 +238,14 @@ def test_train_step_errors_name_the_argument():
   bad = sam_optax.flax.linen_train_step(ce_loss, collections=("batch_stats", "cache"))
   with pytest.raises(ValueError, match=r"`collections` names \['cache'\]"):
     bad(state, x, y, key=KEY)
-  with pytest.raises(TypeError, match=r"`loss_fn` must return a scalar loss"):
+  with pytest.raises(TypeError, match=r"`model_loss` must return a scalar loss"):
     sam_optax.flax.linen_train_step(lambda m, x, y: m(x, train=True))(
         state, x, y, key=KEY
     )
   with pytest.raises(ValueError, match=r"must not contain 'params'"):
-    sam_optax.flax.linen_loss_fn(
+    sam_optax.flax.linen_closure(
         state.apply_fn, ce_loss, model_state={"params": state.params}
     )
   with pytest.raises(TypeError, match=r"`apply_fn` must be callable"):
-    sam_optax.flax.linen_loss_fn(None, ce_loss)
+    sam_optax.flax.linen_closure(None, ce_loss)
 

@@ -1,4 +1,4 @@
-"""Flax NNX: `nnx_loss_fn` and `nnx_train_step` with BatchNorm and dropout."""
+"""Flax NNX: `nnx_closure` and `nnx_train_step` with BatchNorm and dropout."""
 
 from __future__ import annotations
 
@@ -105,9 +105,9 @@ def test_closure_by_hand_equals_train_step():
 
   @nnx.jit
   def by_hand(model, optimizer, x, y):
-    loss_fn = sam_optax.flax.nnx_loss_fn(model, ce_loss, x, y)
+    closure = sam_optax.flax.nnx_closure(model, ce_loss, x, y)
     loss, grads = nnx.value_and_grad(ce_loss)(model, x, y)
-    optimizer.update(model, grads, loss_fn=loss_fn)
+    optimizer.update(model, grads, loss_fn=closure)
     return loss
 
   a, opt_a = make()
@@ -145,11 +145,11 @@ def test_rngs_passed_as_an_argument_are_snapshotted():
   rngs = nnx.Rngs(dropout=7)
   x, y = fm.batch(5)
 
-  def loss_fn(model, x, y, rngs):
+  def model_loss(model, x, y, rngs):
     return fm.cross_entropy(model(x, dropout_key=rngs.dropout()), y)
 
   fm.MASKS.clear()
-  nnx.jit(sam_optax.flax.nnx_train_step(loss_fn))(model, optimizer, x, y, rngs)
+  nnx.jit(sam_optax.flax.nnx_train_step(model_loss))(model, optimizer, x, y, rngs)
   jax.effects_barrier()
   assert len(fm.MASKS) == 2
   np.testing.assert_array_equal(fm.MASKS[0], fm.MASKS[1])
@@ -190,6 +190,6 @@ def test_errors_name_the_argument():
   with pytest.raises(TypeError, match=r"ModelAndOptimizer"):
     step(model, nnx.ModelAndOptimizer(model, sam_tx()), x, y)
   with pytest.raises(TypeError, match=r"`model` must be an NNX module"):
-    sam_optax.flax.nnx_loss_fn(ce_loss, model, x, y)
-  with pytest.raises(TypeError, match=r"`loss_fn` must return a scalar loss"):
+    sam_optax.flax.nnx_closure(ce_loss, model, x, y)
+  with pytest.raises(TypeError, match=r"`model_loss` must return a scalar loss"):
     sam_optax.flax.nnx_train_step(lambda m, x, y: m(x))(model, optimizer, x, y)

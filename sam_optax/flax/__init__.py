@@ -9,22 +9,34 @@ must agree on what is random and disagree on what is kept:
 * BatchNorm statistics (and any other mutable state) from the clean pass
   only; the perturbed pass's are thrown away.
 
-The helpers here build the closures and training steps that do so.
+The helpers here build the closures and training steps that do so. The
+loss is written against the model, ``model_loss(model, *args, **kwargs)``,
+where ``model(x)`` applies the network; the helpers turn it into the
+``params -> loss`` closure that ``tx.update(..., loss_fn=...)`` takes
+(:func:`linen_closure`, :func:`nnx_closure`), or into a whole step.
 
 Linen::
 
     state = TrainState.create(apply_fn=model.apply, params=..., tx=tx,
                               batch_stats=...)   # a subclass with the field
-    train_step = jax.jit(sam_optax.flax.linen_train_step(loss_fn))
-    state, loss = train_step(state, batch, key=key)
+    train_step = jax.jit(sam_optax.flax.linen_train_step(model_loss))
+    state, loss = train_step(state, x, y, key=key)
 
 NNX::
 
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    train_step = nnx.jit(sam_optax.flax.nnx_train_step(loss_fn))
-    loss = train_step(model, optimizer, batch)
+    train_step = nnx.jit(sam_optax.flax.nnx_train_step(model_loss))
+    loss = train_step(model, optimizer, x, y)
 
-Importing this module requires Flax: ``pip install "sam_optax[flax]"``.
+Extra keyword arguments of a step reach ``model_loss``
+(``train_step(state, x, y, key=key, mask=mask)``), and
+``with_stats=True`` makes the step also return the
+:class:`sam_optax.SAMStats` of the update. ``linen_loss_fn`` and
+``nnx_loss_fn`` are deprecated names of :func:`linen_closure` and
+:func:`nnx_closure`.
+
+After ``import sam_optax``, ``sam_optax.flax`` imports this module on first
+use. Importing this module requires Flax: ``pip install "sam_optax[flax]"``.
 """
 
 try:
@@ -35,14 +47,16 @@ except ImportError as _error:  # pragma: no cover - exercised without flax only
       ' `pip install "sam_optax[flax]"` (or `pip install flax`).'
   ) from _error
 
-from sam_optax.flax._linen import linen_loss_fn, linen_train_step
-from sam_optax.flax._nnx import nnx_loss_fn, nnx_train_step
+from sam_optax.flax._linen import linen_closure, linen_loss_fn, linen_train_step
+from sam_optax.flax._nnx import nnx_closure, nnx_loss_fn, nnx_train_step
 from sam_optax.flax._train_state import TrainState
 
 __all__ = (
     "TrainState",
-    "linen_loss_fn",
+    "linen_closure",
+    "linen_loss_fn",  # deprecated: linen_closure
     "linen_train_step",
-    "nnx_loss_fn",
+    "nnx_closure",
+    "nnx_loss_fn",  # deprecated: nnx_closure
     "nnx_train_step",
 )
