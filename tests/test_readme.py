@@ -181,7 +181,7 @@ def test_linen_train_state_snippet():
   pytest.importorskip("sam_optax.flax")
   import sam_optax.flax  # noqa: F401, PLC0415
 
-  ns = _run("sam_optax.flax.linen_train_step(loss_fn)", _linen_namespace())
+  ns = _run("sam_optax.flax.linen_train_step(", _linen_namespace())
   state = ns["state"]
   assert int(state.step) == 1 and bool(jnp.isfinite(ns["loss"]))
   changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params, ns["variables"]["params"])
@@ -198,7 +198,7 @@ def _nnx_namespace(tmp_path) -> dict[str, Any]:
 
   Net = flax_models.TinyNet
 
-  def loss_fn(model, x, y):
+  def model_loss(model, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
   def make_model_and_optimizer():
@@ -208,7 +208,8 @@ def _nnx_namespace(tmp_path) -> dict[str, Any]:
 
   return {
       "jax": jax, "jnp": jnp, "optax": optax, "sam_optax": sam_optax, "nnx": nnx,
-      "model": Net(nnx.Rngs(0, dropout=1)), "loss_fn": loss_fn,
+      "model": Net(nnx.Rngs(0, dropout=1)), "model_loss": model_loss,
+      "loss_fn": model_loss,  # the README's older name for it
       "x": jax.random.normal(jax.random.key(1), (32, 4)), "y": jnp.arange(32) % 2,
       "make_model_and_optimizer": make_model_and_optimizer, "path": tmp_path,
   }
@@ -220,7 +221,7 @@ def test_nnx_snippets_train_and_checkpoint(tmp_path):
 
   ns = _nnx_namespace(tmp_path)
   before = jax.tree.leaves(nnx.state(ns["model"], nnx.Param))  # the arrays, not the Params
-  _run("sam_optax.flax.nnx_train_step(loss_fn)", ns)
+  _run("sam_optax.flax.nnx_train_step(", ns)
   assert bool(jnp.isfinite(ns["loss"]))
   after_one = jax.tree.leaves(nnx.state(ns["model"], nnx.Param))
   assert all(bool(jnp.any(a != b)) for a, b in zip(after_one, before))
@@ -231,7 +232,7 @@ def test_nnx_snippets_train_and_checkpoint(tmp_path):
   assert bool(jnp.isfinite(ns["loss"]))
 
   # Save and restore: Linen state from the Linen snippet, NNX from above.
-  linen = _run("sam_optax.flax.linen_train_step(loss_fn)", _linen_namespace())
+  linen = _run("sam_optax.flax.linen_train_step(", _linen_namespace())
   ns["state"], ns["ocp"] = linen["state"], ocp
   saved_linen, saved_nnx = ns["state"], nnx.state((ns["model"], ns["optimizer"]))
   _run("ckpt.save(path / \"linen\", state)", ns)
