@@ -76,7 +76,8 @@ def test_state_without_batch_stats_shows_the_subclass_to_write():
   message = str(info.value)
   assert isinstance(info.value.__cause__, flax.errors.ScopeCollectionNotFound)
   assert "`linen_train_step`" in message and "'batch_stats'" in message
-  assert "class TrainState(sam_optax.flax.TrainState):\n      batch_stats: Any" in message
+  subclass = "class TrainState(sam_optax.flax.TrainState):\n      batch_stats: Any"
+  assert subclass in message
   assert 'batch_stats=variables["batch_stats"]' in message
   assert "collections=" not in message  # the default finds `batch_stats`
 
@@ -145,7 +146,8 @@ def test_linen_params_style_loss_explains_the_signature():
   )
   assert "`linen_train_step`" in message
   assert "model_loss(model, *args, **kwargs)" in message
-  assert "def model_loss(model, x, y):\n      return jnp.mean((model(x) - y) ** 2)" in message
+  example = "def model_loss(model, x, y):\n      return jnp.mean((model(x) - y) ** 2)"
+  assert example in message
   assert "first parameter is named `params`" in message
   assert "loss_fn=lambda p: loss(p, x, y)" in message
 
@@ -155,7 +157,8 @@ def test_linen_params_style_loss_explains_the_signature():
     return jnp.mean((x @ p["Dense_0"]["kernel"] - y) ** 2)
 
   closure = sam_optax.flax.linen_closure(state.apply_fn, indexing, x, y)
-  with pytest.raises(TypeError, match=r"`linen_closure`: `model_loss` is called") as info:
+  hint = r"`linen_closure`: `model_loss` is called"
+  with pytest.raises(TypeError, match=hint) as info:
     closure(state.params)
   assert "first parameter is named" not in str(info.value)
 
@@ -187,7 +190,8 @@ def test_nnx_params_style_loss_explains_the_signature():
   # What nnx.merge raises when handed a module in place of an nnx.State.
   assert isinstance(info.value.__cause__, ValueError)
   assert "Incorrect number of leaves" in str(info.value.__cause__)
-  assert "`nnx_train_step`" in message and "model_loss(model, *args, **kwargs)" in message
+  assert "`nnx_train_step`" in message
+  assert "model_loss(model, *args, **kwargs)" in message
   assert "def model_loss(model, x, y):" in message
   assert "first parameter is named `params`" in message
 
@@ -251,7 +255,8 @@ def test_missing_random_stream_names_rng_collections():
   assert "'noise'" in message
   assert "rng_collections=('dropout', 'noise')" in message
   # Without a key, the message asks for the key and the stream.
-  with pytest.raises(ValueError, match=r"without `key`.*rng_collections=\('dropout', 'noise'\)"):
+  both = r"without `key`.*rng_collections=\('dropout', 'noise'\)"
+  with pytest.raises(ValueError, match=both):
     sam_optax.flax.linen_train_step(mse)(state, x, y)
   # By hand, it names `rngs`.
   closure = sam_optax.flax.linen_closure(

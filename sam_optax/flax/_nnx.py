@@ -140,8 +140,8 @@ def nnx_closure(
     ...   return jnp.mean((model(x) - y) ** 2)
     >>> @nnx.jit
     ... def train_step(model, optimizer, x, y):
-    ...   closure = sam_optax.flax.nnx_closure(model, mse, x, y)  # before the clean pass
-    ...   loss, grads = nnx.value_and_grad(mse)(model, x, y)      # updates BatchStats
+    ...   closure = sam_optax.flax.nnx_closure(model, mse, x, y)  # before clean pass
+    ...   loss, grads = nnx.value_and_grad(mse)(model, x, y)     # updates BatchStats
     ...   optimizer.update(model, grads, loss_fn=closure)
     ...   return loss
     >>> loss = train_step(model, optimizer, jnp.ones((4, 2)), jnp.zeros((4, 1)))
