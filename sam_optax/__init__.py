@@ -43,6 +43,7 @@ from sam_optax._transforms.msam import MSAMState, msam, msam_unperturbed
 from sam_optax._transforms.rwp import RandomKeyState, rwp
 from sam_optax._transforms.sam import sam
 from sam_optax._transforms.sam_on import normalization_mask, sam_on
+from sam_optax._transforms.samson import samson
 from sam_optax._transforms.usam import usam
 from sam_optax._transforms.vasso import VaSSOState, vasso
 from sam_optax._wrappers import with_sam
@@ -89,6 +90,7 @@ __all__ = (
     "rwp",
     "sam",
     "sam_on",
+    "samson",
     "sam_stats",
     "set_rho",
     "sharpness",

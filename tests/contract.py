@@ -55,6 +55,8 @@ CASES = (
     Case("sam_2steps", sam_optax.sam, {"rho": 0.05, "num_ascent_steps": 2}),
     Case("sam_renorm", sam_optax.sam, {"rho": 0.05, "renormalize": True}),
     Case("asam", sam_optax.asam, {"rho": 0.5, "eta": 0.01}),
+    Case("samson", sam_optax.samson, {"rho": 0.2, "eta": 0.01}),
+    Case("samson_p2", sam_optax.samson, {"rho": 0.2, "eta": 0.05, "norm": "l2"}),
     Case(
         "composed",
         sam_optax.sharpness_aware,

@@ -162,6 +162,25 @@ def asam(eta: float, eps: float = 1e-12):
   return lambda params: _two_pass(direction)
 
 
+def samson(eta: float, p: float, eps: float = 1e-12):
+  """Mordido, Henwood et al. 2023: ASAM's T = |w| + η divided by ‖leaf‖_p."""
+
+  def make(params):
+    layout = Layout.of(params)
+
+    def direction(g, w):
+      t = np.ones_like(w)
+      for s in layout.slices:
+        norm = np.linalg.norm(w[s], ord=p)
+        if norm > 0:
+          t[s] = (np.abs(w[s]) + eta) / norm
+      return unit(t * t * g, eps, norm_of=t * g)
+
+    return _two_pass(direction)
+
+  return make
+
+
 def usam():
   """Andriushchenko & Flammarion 2022: ε = ρ g."""
   return lambda params: _two_pass(lambda g, w: g)
@@ -402,6 +421,8 @@ ORACLES: dict[str, Callable[[Any], Callable[..., Any]]] = {
     "sam_2steps": sam(ascent_steps=2),
     "sam_renorm": sam(renormalize=True),
     "asam": asam(0.01),
+    "samson": samson(0.01, np.inf),
+    "samson_p2": samson(0.05, 2),
     "composed": composed(0.01, 0.2, 3),
     "composed_random_mask": random_mask_gsam(0.5, 0.2, 2),
     "usam": usam(),

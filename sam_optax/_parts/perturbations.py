@@ -29,6 +29,7 @@ __all__ = (
     "friendly",
     "l2",
     "masked",
+    "outlier_normalized",
     "random",
     "random_mask",
     "unnormalized",
@@ -75,6 +76,31 @@ def unnormalized() -> Perturbation:
   return _stateless(lambda g, params: tree.widen(g))
 
 
+def _elementwise(
+    caller: str,
+    scale: Callable[[jax.Array], jax.Array],
+    mask: masking.MaskOrFn,
+    eps: float,
+) -> Perturbation:
+  r"""The direction :math:`d = T^2 g / (\|T g\|_2 + \mathrm{eps})` of an
+  element-wise operator :math:`T`: ``scale(w)`` (``w`` in at least float32)
+  on the leaves selected by ``mask``, 1 on the others."""
+
+  def direction(g, params):
+    selected = masking.resolve(caller, "mask", mask, params)
+    t = jax.tree.map(lambda p: scale(p.astype(tree.wide_dtype(p.dtype))), params)
+    t = masking.select(selected, t, jax.tree.map(jnp.ones_like, t))
+    tg = jax.tree.map(lambda ti, gi: ti * gi.astype(ti.dtype), t, g)
+    factor = 1.0 / (tree.global_norm(tg) + eps)
+    return jax.tree.map(lambda ti, x: ti * x * factor, t, tg)
+
+  def init(params):
+    masking.resolve(caller, "mask", mask, params)  # fail early on a bad mask
+    return optax.EmptyState()
+
+  return Perturbation(init, _stateless(direction).direction)
+
+
 def adaptive(
     eta: float = 0.01, *, mask: masking.MaskOrFn = None, eps: float = 1e-12
 ) -> Perturbation:
@@ -85,22 +111,45 @@ def adaptive(
   """
   validation.check_scalar("adaptive", "eta", eta, low=0.0)
   validation.check_scalar("adaptive", "eps", eps, low=0.0, low_inclusive=False)
+  return _elementwise("asam", lambda w: jnp.abs(w) + eta, mask, eps)
 
-  def direction(g, params):
-    selected = masking.resolve("asam", "mask", mask, params)
-    t = jax.tree.map(
-        lambda p: jnp.abs(p.astype(tree.wide_dtype(p.dtype))) + eta, params
-    )
-    t = masking.select(selected, t, jax.tree.map(jnp.ones_like, t))
-    tg = jax.tree.map(lambda ti, gi: ti * gi.astype(ti.dtype), t, g)
-    scale = 1.0 / (tree.global_norm(tg) + eps)
-    return jax.tree.map(lambda ti, x: ti * x * scale, t, tg)
 
-  def init(params):
-    masking.resolve("asam", "mask", mask, params)  # fail early on a bad mask
-    return optax.EmptyState()
+_LEAF_NORMS = {
+    "max": lambda a: jnp.max(a, initial=0.0),
+    "l2": lambda a: jnp.sqrt(jnp.sum(a * a)),
+}
 
-  return Perturbation(init, _stateless(direction).direction)
+
+def outlier_normalized(
+    eta: float = 0.01,
+    *,
+    norm: str = "max",
+    mask: masking.MaskOrFn = None,
+    eps: float = 1e-12,
+) -> Perturbation:
+  r"""SAMSON's direction: ASAM's operator divided by a norm of the whole leaf.
+
+  :math:`T_w = (|w| + \eta) / \|W\|` element-wise, where :math:`W` is the
+  whole leaf that contains :math:`w` (a layer's kernel) and the norm is
+  ``"max"`` (the default, :math:`\max |W|`, the layer's largest weight: a
+  layer with outliers has its typical weights perturbed less) or ``"l2"``
+  (:math:`\|W\|_2`). ``d = T² g / (‖T g‖₂ + eps)`` as for :func:`adaptive`.
+  A leaf whose norm is 0 (all zeros, such as freshly initialized biases)
+  gets :math:`T = 1`, as do the leaves outside ``mask``.
+  """
+  validation.check_scalar("outlier_normalized", "eta", eta, low=0.0)
+  validation.check_option("outlier_normalized", "norm", norm, tuple(_LEAF_NORMS))
+  validation.check_scalar(
+      "outlier_normalized", "eps", eps, low=0.0, low_inclusive=False
+  )
+  leaf_norm = _LEAF_NORMS[norm]
+
+  def scale(w):
+    a = jnp.abs(w)
+    n = leaf_norm(a)
+    return jnp.where(n > 0, (a + eta) / jnp.where(n > 0, n, 1.0), 1.0)
+
+  return _elementwise("samson", scale, mask, eps)
 
 
 def masked(
