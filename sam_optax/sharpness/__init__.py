@@ -19,11 +19,14 @@ fixed key, so the loss is a deterministic function of the parameters::
 * Loss increase: :func:`worst_case_sharpness` (SAM or ASAM ball),
   :func:`sharpness_vs_rho`, :func:`average_case_sharpness`,
   :func:`m_sharpness`.
+* Robustness: :func:`weight_noise_robustness`, a metric under random noise
+  on the weights at inference (per-layer, multiplicative or absolute).
 * Landscapes: :func:`random_direction`, :func:`filter_normalize`,
   :func:`linear_interpolation`, :func:`loss_slice_1d`, :func:`loss_slice_2d`.
 * Pictures (need matplotlib, the ``examples`` extra):
   :func:`plot_loss_curve`, :func:`plot_loss_contour`,
-  :func:`plot_loss_surface`, :func:`plot_sharpness_vs_rho`.
+  :func:`plot_loss_surface`, :func:`plot_sharpness_vs_rho`,
+  :func:`plot_noise_robustness`.
 
 The results are NamedTuples that print as short summaries (scalars to 4
 significant digits, parameter trees as their leaf and value counts, long
@@ -47,10 +50,15 @@ from sam_optax.sharpness._landscape import (
     loss_slice_2d,
     random_direction,
 )
+from sam_optax.sharpness._noise import (
+    NoiseRobustnessResult,
+    weight_noise_robustness,
+)
 from sam_optax.sharpness._plot import (
     plot_loss_contour,
     plot_loss_curve,
     plot_loss_surface,
+    plot_noise_robustness,
     plot_sharpness_vs_rho,
 )
 from sam_optax.sharpness._worst_case import (
@@ -70,6 +78,7 @@ __all__ = (
     "LossCurve",
     "LossSurface",
     "MSharpnessResult",
+    "NoiseRobustnessResult",
     "SharpnessResult",
     "average_case_sharpness",
     "filter_normalize",
@@ -83,8 +92,10 @@ __all__ = (
     "plot_loss_contour",
     "plot_loss_curve",
     "plot_loss_surface",
+    "plot_noise_robustness",
     "plot_sharpness_vs_rho",
     "random_direction",
     "sharpness_vs_rho",
+    "weight_noise_robustness",
     "worst_case_sharpness",
 )

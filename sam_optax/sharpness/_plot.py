@@ -12,6 +12,7 @@ import numpy as np
 
 from sam_optax.sharpness import _common
 from sam_optax.sharpness._landscape import LossCurve, LossSurface
+from sam_optax.sharpness._noise import NoiseRobustnessResult
 
 
 def _pyplot(caller: str):
@@ -349,6 +350,62 @@ def plot_sharpness_vs_rho(
     ax.set_yscale("log")
   ax.set_xlabel(r"$\rho$")
   ax.set_ylabel(r"$\max_{\|\epsilon\|\leq\rho} L(w+\epsilon) - L(w)$")
+  if label is not None:
+    ax.legend()
+  return ax
+
+
+def plot_noise_robustness(
+    result: NoiseRobustnessResult,
+    *,
+    ax: Any = None,
+    label: Optional[str] = None,
+    ylabel: str = "metric",
+    band: float = 2.0,
+    **plot_kwargs: Any,
+):
+  r"""Draws a metric against the weight-noise level, with an error band.
+
+  The line is the mean over the draws of :func:`weight_noise_robustness`;
+  the shaded band is ``band`` standard errors either side of it.
+
+  Args:
+    result: a :class:`NoiseRobustnessResult`.
+    ax: the matplotlib ``Axes``; a new figure when ``None``. Draw several
+      models on the same ``ax`` to compare them.
+    label: legend label; a legend is drawn when given.
+    ylabel: the y-axis label, e.g. ``"test accuracy"``.
+    band: the half-width of the band in standard errors (0: no band).
+    **plot_kwargs: passed to ``ax.plot``.
+
+  Returns:
+    The ``Axes``.
+
+  Examples:
+    >>> import io, jax, jax.numpy as jnp, matplotlib
+    >>> matplotlib.use("Agg")
+    >>> from sam_optax import sharpness
+    >>> res = sharpness.weight_noise_robustness(
+    ...     lambda w: jnp.sum(w ** 2), jnp.ones(3), [0.0, 0.1, 0.2],
+    ...     key=jax.random.key(0), num_draws=8)
+    >>> ax = sharpness.plot_noise_robustness(res, label="model", ylabel="loss")
+    >>> ax.figure.savefig(io.BytesIO(), format="png")
+  """
+  caller = "plot_noise_robustness"
+  _check_type(caller, "result", result, NoiseRobustnessResult)
+  levels = np.asarray(result.levels, dtype=float)
+  mean = np.asarray(result.mean, dtype=float)
+  half = band * np.asarray(result.std_error, dtype=float)
+  _, ax = _axes(caller, ax)
+  (line,) = ax.plot(levels, mean, marker="o", label=label, **plot_kwargs)
+  if band > 0:
+    ax.fill_between(levels, mean - half, mean + half, color=line.get_color(),
+                    alpha=0.2, linewidth=0)
+  names = {"layer_max": r"$\sigma$ (noise std / layer max |w|)",
+           "multiplicative": r"$\sigma$ (relative noise std)",
+           "absolute": r"$\sigma$ (noise std)"}
+  ax.set_xlabel(names.get(result.noise, r"$\sigma$"))
+  ax.set_ylabel(ylabel)
   if label is not None:
     ax.legend()
   return ax
