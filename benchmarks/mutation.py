@@ -97,18 +97,32 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "asam-without-eta", P,
-        "jnp.abs(p.astype(tree.wide_dtype(p.dtype))) + eta, params",
-        "jnp.abs(p.astype(tree.wide_dtype(p.dtype))), params",
+        '_elementwise("asam", lambda w: jnp.abs(w) + eta, mask, eps)',
+        '_elementwise("asam", lambda w: jnp.abs(w), mask, eps)',
         _oracle("asam", "composed"),
         _legacy(["tests/test_variants_basic.py"], "asam"),
     ),
     Mutation(
         "asam-norm-of-t2g", P,
-        "scale = 1.0 / (tree.global_norm(tg) + eps)\n    return jax.tree.map(lambda ti, x: ti * x * scale, t, tg)",
-        "tt = jax.tree.map(lambda ti, x: ti * x, t, tg)\n    scale = 1.0 / (tree.global_norm(tt) + eps)\n"
-        "    return jax.tree.map(lambda x: x * scale, tt)",
+        "factor = 1.0 / (tree.global_norm(tg) + eps)\n    return jax.tree.map(lambda ti, x: ti * x * factor, t, tg)",
+        "tt = jax.tree.map(lambda ti, x: ti * x, t, tg)\n    factor = 1.0 / (tree.global_norm(tt) + eps)\n"
+        "    return jax.tree.map(lambda x: x * factor, tt)",
         _oracle("asam"),
         _legacy(["tests/test_variants_basic.py"], "asam"),
+    ),
+    Mutation(
+        "samson-without-layer-norm", P,
+        "(a + eta) / jnp.where(n > 0, n, 1.0)",
+        "(a + eta)",
+        _oracle("samson", "samson_p2"),
+        _legacy(["tests/test_samson.py"], "rule"),
+    ),
+    Mutation(
+        "samson-eta-after-division", P,
+        "(a + eta) / jnp.where(n > 0, n, 1.0)",
+        "a / jnp.where(n > 0, n, 1.0) + eta",
+        _oracle("samson", "samson_p2"),
+        _legacy(["tests/test_samson.py"], "rule"),
     ),
     Mutation(
         "looksam-per-leaf-norm", D,
