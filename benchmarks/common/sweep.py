@@ -119,6 +119,8 @@ class SweepResult:
       first epoch's batch order.
     label_flips: per group, the number of training labels that differ from
       the true ones.
+    params: with ``return_params=True``, the evaluated weights of every run,
+      leaves of shape ``(groups, configs, ...)``; else ``None``.
   """
 
   name: str
@@ -132,6 +134,7 @@ class SweepResult:
   run_s: float
   fingerprints: list[str]
   label_flips: list[int]
+  params: Any = None
 
   def final(self, metric: str) -> np.ndarray:
     """``metric`` after the last epoch, shape ``(groups, configs)``."""
@@ -191,6 +194,7 @@ def train_sweep(
     run_batch: int = 1,
     progress: bool = True,
     desc: str | None = None,
+    return_params: bool = False,
 ) -> SweepResult:
   """Trains every group x configuration of one optimizer in one compiled program.
 
@@ -212,6 +216,8 @@ def train_sweep(
       program) is fastest for these small models.
     progress: show a tqdm progress bar.
     desc: label of the progress bar.
+    return_params: keep the final evaluated weights of every run in
+      ``SweepResult.params``.
 
   Returns:
     A :class:`SweepResult`.
@@ -317,6 +323,11 @@ def train_sweep(
     bar.set_postfix(val_acc=f"{val.mean(axis=0).max():.3f}")
   run_s = time.perf_counter() - t0
   bar.close()
+  final_params = None
+  if return_params:
+    final_params = jax.device_get(jax.tree.map(
+        lambda x: x.reshape(groups, configs, *x.shape[1:]),
+        jax.vmap(eval_fn)(*state)))
   return SweepResult(
       name=optimizer.name,
       seeds=[int(s) for s in seeds],
@@ -330,4 +341,5 @@ def train_sweep(
       fingerprints=fingerprints,
       label_flips=[int(np.sum(problem.y_train[g] != problem.y_train_clean))
                    for g in range(groups)],
+      params=final_params,
   )
