@@ -24,7 +24,7 @@ Protocol:
 
 ``python benchmarks/weight_noise.py`` writes ``<out>/weight_noise.json`` and
 ``weight_noise.png``; ``--readme README.md`` regenerates the README's region;
-``--quick`` is a smoke test.
+``--report-only`` rewrites them from the JSON; ``--quick`` is a smoke test.
 """
 
 from __future__ import annotations
@@ -254,8 +254,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--quick", action="store_true",
                       help="smoke test: 2 epochs, 2 seeds, 4 draws, MNIST-1D only")
   parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument("--report-only", action="store_true",
+                      help="rewrite the README region and the plot from the JSON")
   args = parser.parse_args(argv)
   args.progress = not args.no_progress
+  if args.report_only:
+    result = json.loads((args.out / JSON_NAME).read_text())
+    plot(result, args.out / PLOT_NAME)
+    if args.readme is not None:
+      readme_lib.replace_region(args.readme, START, END, report(result))
+    return result
   settings = list(DATA)
   if args.quick:
     args.epochs, args.seeds, args.draws = 2, 2, 4
