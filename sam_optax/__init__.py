@@ -112,3 +112,8 @@ def __getattr__(name: str):
 
     return importlib.import_module("sam_optax.flax")
   raise AttributeError(f"module 'sam_optax' has no attribute {name!r}")
+
+
+def __dir__():
+  """The public names and ``flax``, which is imported on first access."""
+  return sorted({*globals(), "flax"})

@@ -458,3 +458,25 @@ def test_the_masked_recipe_in_the_error_runs_as_printed():
   )
   np.testing.assert_allclose(reference.flat(got["w"]), want, rtol=1e-6)
   assert int(got["n"]) == 3
+
+
+def test_vmapped_steps_report_each_member():
+  # Under vmap the first-step conditional becomes a select: each member of
+  # the batch is checked and reported on its own.
+  params, loss_fn = problems.mlp_problem(seed=11)
+  tx = optax.chain(optax.sgd(LR), sam_optax.sam(RHO))
+  states = jax.vmap(lambda _: tx.init(params))(jnp.arange(3))
+
+  def member(state):
+    return tx.update(jax.grad(loss_fn)(params), state, params, loss_fn=loss_fn)
+
+  with sam_optax.debug_checks(), warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    jax.vmap(member)(states)
+    jax.effects_barrier()
+  found = [w for w in record if w.category is sam_optax.SetupWarning]
+  assert len(found) == 3 and all("points against it" in str(w.message) for w in found)
+
+
+def test_flax_subpackage_is_listed_without_being_imported():
+  assert "flax" in dir(sam_optax) and "check_step" in dir(sam_optax)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sam_optax._core import tree
@@ -226,18 +227,17 @@ def diagnose(
 
 
 def _report(caller: str, cosine, ratio, rel) -> None:
-  check = GradientCheck(
-      caller,
-      float(cosine),
-      float(ratio),
-      float(rel),
-      diagnose(caller, float(cosine), float(ratio), float(rel), _SETTINGS["rtol"]),
-  )
-  sink = _SETTINGS["sink"]
-  if sink is not None:
-    sink.append(check)
-  elif check.problem is not None:
-    warnings.warn(check.problem, SetupWarning, stacklevel=2)
+  # Under `jax.vmap` the figures arrive batched: one check per member.
+  for c, r, d in zip(*(np.ravel(np.asarray(x, np.float64)) for x in (cosine, ratio, rel))):
+    check = GradientCheck(
+        caller, float(c), float(r), float(d),
+        diagnose(caller, float(c), float(r), float(d), _SETTINGS["rtol"]),
+    )
+    sink = _SETTINGS["sink"]
+    if sink is not None:
+      sink.append(check)
+    elif check.problem is not None:
+      warnings.warn(check.problem, SetupWarning, stacklevel=2)
 
 
 def active() -> bool:
