@@ -29,6 +29,7 @@ from sam_optax._parts import directions, perturbations, policies
 from sam_optax._parts.compose import sharpness_aware
 from sam_optax._transforms.ae_sam import AESAMState, ae_sam
 from sam_optax._transforms.asam import asam
+from sam_optax._transforms.dgsam import dgsam
 from sam_optax._transforms.esam import esam
 from sam_optax._transforms.fisher_sam import fisher_sam
 from sam_optax._transforms.friendly_sam import FriendlySAMState, friendly_sam
@@ -71,6 +72,7 @@ __all__ = (
     "auto_rho",
     "check_step",
     "debug_checks",
+    "dgsam",
     "directions",
     "esam",
     "fisher_masked_sam",
