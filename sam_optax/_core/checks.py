@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 import warnings
 from typing import Any, Callable, Optional
 
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sam_optax._core import tree
+from sam_optax._core import closure, tree
 
 PyTree = Any
 Oracle = Callable[[PyTree], tuple[PyTree, jax.Array]]
@@ -133,21 +132,14 @@ def _code(function: Callable[..., Any]) -> Any:
 _MULTISTEPS = _code(optax.MultiSteps.update)
 
 
-def _in_stack(code: Any, depth: int = 200) -> bool:
-  frame = sys._getframe(1)  # pylint: disable=protected-access
-  while frame is not None and depth > 0:
-    if frame.f_code is code:
-      return True
-    frame, depth = frame.f_back, depth - 1
-  return False
-
-
 def reject_wrappers(caller: str) -> None:
   """Raises ``ValueError`` when ``update`` is called by ``optax.MultiSteps``.
 
   Runs when ``update`` is traced; nothing is compiled.
   """
-  if _MULTISTEPS is not None and _in_stack(_MULTISTEPS):
+  if _MULTISTEPS is not None and any(
+      f.f_code is _MULTISTEPS for f in closure.caller_frames()
+  ):
     raise ValueError(
         f"`{caller}` is wrapped by `optax.MultiSteps`. MultiSteps hands it"
         " the running mean of the clean gradients with the *current*"

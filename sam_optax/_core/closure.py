@@ -119,7 +119,12 @@ _NNX_OPTIMIZER = """ It was called by `nnx.Optimizer.update`, which\
 or let `sam_optax.flax.nnx_train_step(model_loss)` build the whole step."""
 
 
-def _frames(depth: int = 200):
+def caller_frames(depth: int = 200):
+  """The frames of the callers of the function that calls this, innermost first.
+
+  Read at trace time only, to name a known wrapper or Flax method in an
+  error; nothing is compiled.
+  """
   frame = sys._getframe(2)  # pylint: disable=protected-access
   while frame is not None and depth > 0:
     yield frame
@@ -128,7 +133,7 @@ def _frames(depth: int = 200):
 
 def _caller_hint() -> Optional[str]:
   """The fix for a missing closure when a known Flax method called ``update``."""
-  for frame in _frames():
+  for frame in caller_frames():
     code = frame.f_code
     if code.co_name == "apply_gradients":
       owner = frame.f_locals.get("self")
