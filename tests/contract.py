@@ -28,6 +28,14 @@ class Case:
   ``zero_gradient_is_stationary=False`` marks a transform whose perturbation
   does not vanish with the gradient (a random one), so that a zero gradient
   need not give a zero update; it must still give a finite one.
+
+  ``closure`` turns the suite's scalar loss into the keyword arguments the
+  transform's ``update`` takes (``{"loss_fn": loss_fn}`` for most; a
+  per-domain closure for DGSAM), and ``closure_name`` is the keyword its
+  errors name. ``grad_fn=False`` marks a transform without the ``grad_fn=``
+  alternative. ``rho_zero_rtol`` is how far ``rho=0`` may be from the base
+  optimizer: 0 (bit for bit) unless the transform averages several
+  gradients, which float32 rounds.
   """
 
   name: str
@@ -35,6 +43,10 @@ class Case:
   kwargs: dict[str, Any]
   radius: str = "rho"
   zero_gradient_is_stationary: bool = True
+  closure: Callable[[Callable[..., Any]], dict[str, Any]] = lambda f: {"loss_fn": f}
+  closure_name: str = "loss_fn"
+  grad_fn: bool = True
+  rho_zero_rtol: float = 0.0
 
   def make(self, **overrides: Any) -> optax.GradientTransformationExtraArgs:
     return self.factory(**{**self.kwargs, **overrides})
@@ -47,6 +59,21 @@ class Case:
 def _rwp_with_rho(rho=0.01, alpha=0.5, key=0):
   """RWP with ``gamma`` under the name ``rho``."""
   return sam_optax.rwp(gamma=rho, alpha=alpha, key=key)
+
+
+DOMAINS = 3
+
+
+def _dgsam(rho=0.1, key=0):
+  """DGSAM over ``DOMAINS`` domains (a static count, hidden from inject_hyperparams)."""
+  return sam_optax.dgsam(rho, num_domains=DOMAINS, key=key)
+
+
+def _same_domains(loss_fn):
+  """Every domain's loss is the suite's loss: the domain order cannot change
+  the result, so the shared oracles need not read it back (``test_dgsam.py``
+  checks the order against distinct domains)."""
+  return {"domain_loss_fn": lambda p, d: loss_fn(p)}
 
 
 CASES = (
@@ -112,5 +139,14 @@ CASES = (
         "fisher_masked_sam",
         sam_optax.fisher_masked_sam,
         {"rho": 0.05, "sparsity": 0.5, "refresh_every": 2},
+    ),
+    Case(  # every gradient through the closure, DOMAINS + 1 of them averaged
+        "dgsam",
+        _dgsam,
+        {"rho": 0.1, "key": 0},
+        closure=_same_domains,
+        closure_name="domain_loss_fn",
+        grad_fn=False,
+        rho_zero_rtol=1e-6,
     ),
 )

@@ -401,6 +401,25 @@ def fisher_masked_sam(sparsity: float, every_n: int):
   return make
 
 
+def dgsam(num_domains: int, eps: float = 1e-12):
+  """Song et al. 2025 with identical domains: S + 1 gradients, each at the point
+  the previous normalized steps reached (the first at w), averaged."""
+
+  def make(params):
+    def step(t, w, g, grad, rho, seen):
+      point, points, total = w, [], np.zeros_like(w)
+      for _ in range(num_domains + 1):
+        points.append(point)
+        g_i = grad(point)
+        total = total + g_i
+        point = point + rho * unit(g_i, eps)
+      return points, total / (num_domains + 1)
+
+    return step
+
+  return make
+
+
 def _alternate_entries(params) -> Vector:
   """``masked_sam``'s mask in the contract: even entries of every leaf."""
   return np.concatenate(
@@ -437,6 +456,7 @@ ORACLES: dict[str, Callable[[Any], Callable[..., Any]]] = {
     "masked_sam": masked(_alternate_entries, "full"),
     "sam_on": masked(_small_leaves, "masked"),
     "fisher_masked_sam": fisher_masked_sam(0.5, 2),
+    "dgsam": dgsam(3),
 }
 """Keyed like ``tests.contract.CASES``; the hyperparameters are the cases'."""
 

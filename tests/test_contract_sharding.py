@@ -37,6 +37,7 @@ class Named(NamedTuple):
 
   name: str
   make: Callable[[], optax.GradientTransformationExtraArgs]
+  closure: Callable[[Callable[..., Any]], dict[str, Any]] = lambda f: {"loss_fn": f}
 
 
 def _base() -> optax.GradientTransformation:
@@ -64,7 +65,8 @@ def _leaf_mask(params: Any) -> Any:
 
 def _transforms() -> list[Named]:
   out = [
-      Named(c.name, lambda c=c: optax.chain(c.make(), _base())) for c in CASES
+      Named(c.name, lambda c=c: optax.chain(c.make(), _base()), c.closure)
+      for c in CASES
   ]
   out += [
       Named(  # the default mask: normalization_mask finds LayerNorm_0
@@ -146,10 +148,12 @@ def mlp_loss(params: dict[str, Any]) -> jax.Array:
   return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
 
 
-def _step(tx):
+def _step(named: Named):
+  tx = named.make()
+
   def step(params, state):
     grads = jax.grad(mlp_loss)(params)
-    updates, state = tx.update(grads, state, params, loss_fn=mlp_loss)
+    updates, state = tx.update(grads, state, params, **named.closure(mlp_loss))
     return optax.apply_updates(params, updates), state, updates
 
   return jax.jit(step)
@@ -221,8 +225,9 @@ def _mesh(axis_type: AxisType) -> jax.sharding.Mesh:
 
 @functools.lru_cache(maxsize=None)
 def _unsharded(name: str):
-  tx = {n.name: n for n in TRANSFORMS}[name].make()
-  step = _step(tx)
+  named = {n.name: n for n in TRANSFORMS}[name]
+  tx = named.make()
+  step = _step(named)
   params = mlp_params()
   p, s, _ = step(params, tx.init(params))
   p, s, u = step(p, s)
@@ -255,7 +260,7 @@ def test_sharded_steps_match_and_keep_their_shardings(named, axis_type):
             transform_non_params=lambda _: NamedSharding(mesh, P()),
         ),
     )
-    step = _step(tx)
+    step = _step(named)
     p1, s1, u1 = step(params, state)
     p2, s2, u2 = step(p1, s1)
 

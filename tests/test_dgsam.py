@@ -168,6 +168,16 @@ def test_misuse_is_named_with_the_fix():
     sam_optax.dgsam(-1.0)
   with pytest.raises(ValueError, match="`dgsam`: `num_domains` must be an integer >= 1"):
     sam_optax.dgsam(RHO, num_domains=0)
+  injected = optax.inject_hyperparams(sam_optax.dgsam)(RHO, num_domains=S)
+  with pytest.raises(TypeError, match=r"static_args=\('num_domains',\)"):
+    jax.jit(lambda s: injected.update(zeros, s, params, domain_loss_fn=_domain_loss))(
+        injected.init(params)
+    )
+  static = optax.inject_hyperparams(sam_optax.dgsam, static_args=("num_domains",))
+  static = static(RHO, num_domains=S)
+  jax.jit(lambda s: static.update(zeros, s, params, domain_loss_fn=_domain_loss))(
+      static.init(params)
+  )
   wrapped = optax.MultiSteps(optax.chain(sam_optax.dgsam(RHO, num_domains=S), optax.sgd(LR)), 2)
   with pytest.raises(ValueError, match="wrapped by `optax.MultiSteps`"):
     wrapped.update(zeros, wrapped.init(params), params, domain_loss_fn=_domain_loss)

@@ -26,13 +26,13 @@ def _cubic(p):
   return sum(jnp.sum(x**2 + 0.3 * x**3) for x in jax.tree.leaves(p)) + jnp.zeros(())
 
 
-def _run(tx, params, loss_fn, steps=3):
-  """``steps`` jitted steps of ``chain(tx, sgd)``; returns the last updates."""
-  chained = optax.chain(tx, optax.sgd(0.1))
+def _run(case, params, loss_fn, steps=3):
+  """``steps`` jitted steps of ``chain(case, sgd)``; returns the last updates."""
+  chained = optax.chain(case.make(), optax.sgd(0.1))
 
   @jax.jit
   def step(p, s):
-    updates, s = chained.update(jax.grad(loss_fn)(p), s, p, loss_fn=loss_fn)
+    updates, s = chained.update(jax.grad(loss_fn)(p), s, p, **case.closure(loss_fn))
     return updates, optax.apply_updates(p, updates), s
 
   p, s = params, chained.init(params)
@@ -60,12 +60,12 @@ def test_empty_tree(case, empty):
   state = tx.init(empty)
   calls = []
   loss_fn = lambda p: calls.append(1) or jnp.zeros(())
-  out, new_state = tx.update(empty, state, empty, loss_fn=loss_fn)
+  out, new_state = tx.update(empty, state, empty, **case.closure(loss_fn))
   assert out == empty and type(out) is type(empty)
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
   assert int(new_state.count) == 1
   assert np.isfinite(float(new_state.stats.grad_norm))
-  updates, params, _ = _run(tx, empty, loss_fn)
+  updates, params, _ = _run(case, empty, loss_fn)
   assert updates == empty and params == empty
 
 
@@ -81,7 +81,7 @@ MIXED = {"scalars": SCALARS, "size0": SIZE0}
 
 @cases
 def test_scalar_and_size0_leaves(case):
-  updates, new_params, state = _run(case.make(), MIXED, _cubic)
+  updates, new_params, state = _run(case, MIXED, _cubic)
   assert _layout(updates) == _layout(MIXED)
   assert _layout(new_params) == _layout(MIXED)
   assert _finite(updates) and _finite(state)
@@ -119,7 +119,7 @@ def test_zero_gradient_gives_no_nan(case, params):
   def loss_fn(p):  # minimal at 1: a zero gradient there
     return sum(jnp.sum((x - 1.0) ** 2) for x in jax.tree.leaves(p)) + jnp.zeros(())
 
-  updates, new_params, state = _run(case.make(), params, loss_fn)
+  updates, new_params, state = _run(case, params, loss_fn)
   assert _finite(updates) and _finite(state)
   assert _layout(updates) == _layout(params)
   if case.zero_gradient_is_stationary:
@@ -142,7 +142,7 @@ def test_integer_parameter_is_rejected_with_the_fix(case):
   grads = jax.grad(_int_loss, allow_int=True)(INT_PARAMS)
   assert grads["n"].dtype == jax.dtypes.float0
   with pytest.raises(ValueError) as info:
-    tx.update(grads, tx.init(INT_PARAMS), INT_PARAMS, loss_fn=_int_loss)
+    tx.update(grads, tx.init(INT_PARAMS), INT_PARAMS, **case.closure(_int_loss))
   message = str(info.value)
   assert "`params` has a leaf of dtype int32 at \"['n']\"" in message
   assert "optax.masked" in message and "separate collection" in message

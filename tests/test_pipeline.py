@@ -49,7 +49,7 @@ def test_no_conditional_and_same_result_for_every_form_of_rho(case):
     state = tx.init(params)
 
     def update(g, s, p, tx=tx):
-      return tx.update(g, s, p, loss_fn=loss_fn)
+      return tx.update(g, s, p, **case.closure(loss_fn))
 
     grads = jax.grad(loss_fn)(params)
     # the Fisher mask's periodic refresh is its one conditional (not the pass)

@@ -116,11 +116,13 @@ def dgsam(
 
   What is verified, and what not: the loop above is transcribed from a
   DomainBed ``DGSAM`` optimizer that states it was extracted from the
-  authors' code (the paper's Algorithm 1 could not be read; reviews of it
-  confirm the random order per step and the reuse of the ascent gradients
-  in the descent). That code hands on :math:`S/(S+1) \sum_i g_i`, :math:`S`
-  times the mean: ``scale_by_domains=True`` reproduces it (with SGD, a
-  learning rate :math:`S` times larger; Adam is almost unaffected).
+  authors' code; the paper's Algorithm 1 and its cost section could not be
+  read. A published review of the paper confirms the random order (drawn in
+  Algorithm 1, line 3) and the reuse of the ascent gradients in the
+  descent. That code hands on :math:`S/(S+1) \sum_i g_i`, :math:`S` times
+  the mean: ``scale_by_domains=True`` reproduces it (with SGD, a learning
+  rate :math:`S` times larger; with Adam the step is almost unchanged, but
+  a coupled weight decay weighs :math:`S` times less against it).
 
   The clean gradient handed to ``update`` is checked for its structure but
   not used: every gradient comes from the closure. Under ``jit`` a clean
@@ -173,6 +175,14 @@ def dgsam(
   validation.check_scalar(caller, "rho", rho, low=0.0, allow_schedule=True)
   validation.check_scalar(caller, "eps", eps, low=0.0, low_inclusive=False)
   if num_domains is not None:
+    if isinstance(num_domains, jax.core.Tracer):
+      raise TypeError(
+          f"`{caller}`: `num_domains` must be a Python int (it fixes the"
+          " number of gradients per step); it was traced. With"
+          " `optax.inject_hyperparams`, keep it static:"
+          f" `optax.inject_hyperparams(sam_optax.{caller},"
+          " static_args=('num_domains',))(rho, num_domains=S)`."
+      )
     validation.check_int(caller, "num_domains", num_domains, low=1)
     num_domains = int(num_domains)
   if not isinstance(scale_by_domains, bool):
