@@ -33,6 +33,7 @@ from sam_optax._transforms.dgsam import dgsam
 from sam_optax._transforms.esam import esam
 from sam_optax._transforms.fisher_sam import fisher_sam
 from sam_optax._transforms.friendly_sam import FriendlySAMState, friendly_sam
+from sam_optax._transforms.gcsam import gcsam
 from sam_optax._transforms.gsam import gsam, gsam_rho_schedule
 from sam_optax._transforms.looksam import LookSAMState, looksam
 from sam_optax._transforms.masked_sam import (
@@ -78,6 +79,7 @@ __all__ = (
     "fisher_masked_sam",
     "fisher_sam",
     "friendly_sam",
+    "gcsam",
     "gsam",
     "get_rho",
     "gsam_rho_schedule",

@@ -104,6 +104,12 @@ CASES = (
             "policy": sam_optax.policies.every(2),
         },
     ),
+    Case("gcsam", sam_optax.gcsam, {"rho": 0.05}),
+    Case(  # PyTorch layout (the transcribed code's), the centralized norm
+        "gcsam_first",
+        sam_optax.gcsam,
+        {"rho": 0.1, "filter_axis": "first", "norm": "centralized"},
+    ),
     Case("usam", sam_optax.usam, {"rho": 0.01}),
     Case("gsam", sam_optax.gsam, {"rho": 0.05, "alpha": 0.2}),
     Case("looksam", sam_optax.looksam, {"rho": 0.05, "k": 2, "alpha": 0.7}),

@@ -181,6 +181,34 @@ def samson(eta: float, p: float, eps: float = 1e-12):
   return make
 
 
+def centralize(v: Vector, layout: "Layout", filter_axis: str) -> Vector:
+  """Gradient centralization, leaf by leaf: each leaf of 2 or more dimensions
+  loses its mean over every axis but the filter axis (Yong et al. 2020)."""
+  out = v.copy()
+  for s, shape in zip(layout.slices, layout.shapes):
+    if len(shape) >= 2:
+      x = v[s].reshape(shape)
+      keep = (0 if filter_axis == "first" else len(shape) - 1)
+      others = tuple(a for a in range(len(shape)) if a != keep)
+      out[s] = (x - x.mean(axis=others, keepdims=True)).ravel()
+  return out
+
+
+def gcsam(filter_axis: str = "last", norm: str = "raw"):
+  """Hassan et al. 2025 (kozistr's SAM(use_gc=True)): ε = ρ Φ(g)/‖g‖, u = g_p."""
+
+  def make(params):
+    layout = Layout.of(params)
+
+    def direction(g, w):
+      c = centralize(g, layout, filter_axis)
+      return unit(c, 1e-12, norm_of=g if norm == "raw" else c)
+
+    return _two_pass(direction)
+
+  return make
+
+
 def usam():
   """Andriushchenko & Flammarion 2022: ε = ρ g."""
   return lambda params: _two_pass(lambda g, w: g)
@@ -444,6 +472,8 @@ ORACLES: dict[str, Callable[[Any], Callable[..., Any]]] = {
     "samson_p2": samson(0.05, 2),
     "composed": composed(0.01, 0.2, 3),
     "composed_random_mask": random_mask_gsam(0.5, 0.2, 2),
+    "gcsam": gcsam(),
+    "gcsam_first": gcsam("first", "centralized"),
     "usam": usam(),
     "gsam": gsam(0.2),
     "looksam": looksam(2, 0.7),

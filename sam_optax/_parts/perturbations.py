@@ -24,6 +24,7 @@ __all__ = (
     "RandomMaskState",
     "VaSSOState",
     "adaptive",
+    "centralized",
     "fisher",
     "fisher_mask",
     "friendly",
@@ -519,3 +520,45 @@ def random_mask(
       return state._replace(inner=inner.prepare(g, params, state.inner, count))
 
   return Perturbation(init, direction, prepare)
+
+
+def centralize(g: jax.Array, filter_axis: str = "last") -> jax.Array:
+  """Gradient centralization of one leaf: below 2-D the leaf itself; else the
+  mean over every axis but the filter axis subtracted (Yong et al., 2020)."""
+  if g.ndim < 2:
+    return g
+  axis = FILTER_AXES[filter_axis] % g.ndim
+  others = tuple(a for a in range(g.ndim) if a != axis)
+  return g - jnp.mean(g, axis=others, keepdims=True)
+
+
+_CENTRALIZED_NORMS = ("raw", "centralized")
+
+
+def centralized(
+    filter_axis: str = "last", *, norm: str = "raw", eps: float = 1e-12
+) -> Perturbation:
+  r"""GCSAM's direction: SAM's with each kernel's gradient centralized.
+
+  :math:`d = \Phi(g) / (\|g\|_2 + \mathrm{eps})` (``norm="raw"``, the
+  global norm of the gradient before centralizing, so that
+  :math:`\|\epsilon\| \le \rho`) or :math:`\Phi(g) / (\|\Phi(g)\|_2 +
+  \mathrm{eps})` (``norm="centralized"``, :math:`\|\epsilon\| = \rho`).
+  :math:`\Phi` subtracts from every leaf with two or more dimensions its
+  mean over all axes but ``filter_axis`` (one mean per output column or
+  channel: ``"last"`` for Flax kernels ``(..., in, out)``, ``"first"`` for
+  the PyTorch layout ``(out, in, ...)``); leaves with fewer dimensions
+  (biases, scales) are left as they are. See :func:`sam_optax.gcsam`.
+  """
+  check_filter_axis("gcsam", filter_axis)
+  validation.check_option("gcsam", "norm", norm, _CENTRALIZED_NORMS)
+  validation.check_scalar("gcsam", "eps", eps, low=0.0, low_inclusive=False)
+
+  def direction(g, params):
+    del params
+    g = tree.widen(g)
+    c = jax.tree.map(lambda x: centralize(x, filter_axis), g)
+    n = tree.global_norm(g if norm == "raw" else c)
+    return tree.scale_wide(c, 1.0 / (n + eps))
+
+  return _stateless(direction)
