@@ -48,6 +48,7 @@ from sam_optax._transforms.sam_on import normalization_mask, sam_on
 from sam_optax._transforms.samson import samson
 from sam_optax._transforms.usam import usam
 from sam_optax._transforms.vasso import VaSSOState, vasso
+from sam_optax._transforms.wsam import WSAMDecoupledState, wsam, wsam_decoupled
 from sam_optax._wrappers import with_sam
 from sam_optax import sharpness  # noqa: E402  (subpackage namespace)
 
@@ -68,6 +69,7 @@ __all__ = (
     "SAMStats",
     "SetupWarning",
     "VaSSOState",
+    "WSAMDecoupledState",
     "ae_sam",
     "asam",
     "auto_rho",
@@ -102,6 +104,8 @@ __all__ = (
     "usam",
     "vasso",
     "with_sam",
+    "wsam",
+    "wsam_decoupled",
 )
 
 

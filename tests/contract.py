@@ -110,6 +110,8 @@ CASES = (
         sam_optax.gcsam,
         {"rho": 0.1, "filter_axis": "first", "norm": "centralized"},
     ),
+    Case("wsam", sam_optax.wsam, {"rho": 0.05, "gamma": 0.88}),
+    Case("wsam_low", sam_optax.wsam, {"rho": 0.1, "gamma": 0.3}),
     Case("usam", sam_optax.usam, {"rho": 0.01}),
     Case("gsam", sam_optax.gsam, {"rho": 0.05, "alpha": 0.2}),
     Case("looksam", sam_optax.looksam, {"rho": 0.05, "k": 2, "alpha": 0.7}),

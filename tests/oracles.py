@@ -209,6 +209,14 @@ def gcsam(filter_axis: str = "last", norm: str = "raw"):
   return make
 
 
+def wsam(gamma: float):
+  """Yue et al. 2023, coupled: u = α g_p + (1 − α) g, α = γ/(1 − γ)."""
+  alpha = gamma / (1 - gamma)
+  return lambda params: _two_pass(
+      lambda g, w: unit(g, 1e-12), lambda g, gp: alpha * gp + (1 - alpha) * g
+  )
+
+
 def usam():
   """Andriushchenko & Flammarion 2022: ε = ρ g."""
   return lambda params: _two_pass(lambda g, w: g)
@@ -474,6 +482,8 @@ ORACLES: dict[str, Callable[[Any], Callable[..., Any]]] = {
     "composed_random_mask": random_mask_gsam(0.5, 0.2, 2),
     "gcsam": gcsam(),
     "gcsam_first": gcsam("first", "centralized"),
+    "wsam": wsam(0.88),
+    "wsam_low": wsam(0.3),
     "usam": usam(),
     "gsam": gsam(0.2),
     "looksam": looksam(2, 0.7),

@@ -15,7 +15,16 @@ import optax
 
 from sam_optax._core import tree, validation
 
-__all__ = ("Direction", "LookSAMState", "gsam", "looksam", "mix", "perturbed")
+__all__ = (
+    "Direction",
+    "LookSAMState",
+    "WSAMState",
+    "gsam",
+    "looksam",
+    "mix",
+    "perturbed",
+    "weighted",
+)
 
 PyTree = Any
 
@@ -120,5 +129,77 @@ def looksam(alpha: float = 0.7, *, eps: float = 1e-12) -> Direction:
         g, state.g_v,
     )
     return out, state
+
+  return Direction(init, combine, fallback)
+
+
+def clip_like_torch(g: PyTree, max_norm: Optional[float]) -> PyTree:
+  """``torch.nn.utils.clip_grad_norm_``: ``g · min(1, c / (‖g‖ + 1e-6))``."""
+  if max_norm is None:
+    return g
+  g = tree.widen(g)
+  factor = jnp.minimum(1.0, max_norm / (tree.global_norm(g) + 1e-6))
+  return tree.scale_wide(g, factor)
+
+
+class WSAMState(NamedTuple):
+  """The decoupled sharpness term :math:`g_p - g` of the last pass (float32
+  or wider); ``()`` in the coupled form."""
+
+  sharpness: Any
+
+
+def weighted(
+    gamma: float = 0.88,
+    *,
+    decoupled: bool = False,
+    max_norm: Optional[float] = None,
+) -> Direction:
+  r"""WSAM's output with the sharpness weighted by :math:`\alpha = \gamma/(1-\gamma)`.
+
+  Coupled: :math:`g + \alpha (g_p - g)` (:math:`\alpha g_p + (1-\alpha) g`;
+  :math:`\gamma = 1/2` is SAM). Decoupled: the output is :math:`g` and the
+  state keeps :math:`g_p - g` for a step outside the base optimizer (see
+  :func:`sam_optax.wsam_decoupled`). With ``max_norm``, ``g`` and ``g_p``
+  are each clipped to that global norm first, as ``torch``'s
+  ``clip_grad_norm_`` does. Skipped steps return ``g`` (sharpness 0).
+  """
+  validation.check_scalar(
+      "wsam", "gamma", gamma, low=0.0, high=1.0, high_inclusive=False
+  )
+  if max_norm is not None:
+    validation.check_scalar(
+        "wsam", "max_norm", max_norm, low=0.0, low_inclusive=False
+    )
+  alpha = gamma / (1.0 - gamma)
+
+  def init(params):
+    if not decoupled:
+      return WSAMState(sharpness=())
+    return WSAMState(sharpness=tree.widen(optax.tree.zeros_like(params)))
+
+  def combine(g, g_p, params, state):
+    del params
+    clean, adv = clip_like_torch(g, max_norm), clip_like_torch(g_p, max_norm)
+
+    def diff(c, a):
+      wide = jnp.promote_types(tree.wide_dtype(c.dtype), a.dtype)
+      return a.astype(wide) - c.astype(wide)
+
+    sharp = jax.tree.map(diff, clean, adv)
+    if decoupled:
+      kept = jax.tree.map(lambda x, old: x.astype(old.dtype), sharp, state.sharpness)
+      return clean, WSAMState(sharpness=kept)
+    out = jax.tree.map(
+        lambda c, d: c.astype(d.dtype) + jnp.asarray(alpha, d.dtype) * d,
+        clean, sharp,
+    )
+    return out, state
+
+  def fallback(g, params, state):
+    del params
+    if decoupled:
+      state = WSAMState(jax.tree.map(jnp.zeros_like, state.sharpness))
+    return g, state
 
   return Direction(init, combine, fallback)
