@@ -35,6 +35,7 @@ from sam_optax._transforms.fisher_sam import fisher_sam
 from sam_optax._transforms.friendly_sam import FriendlySAMState, friendly_sam
 from sam_optax._transforms.gcsam import gcsam
 from sam_optax._transforms.gsam import gsam, gsam_rho_schedule
+from sam_optax._transforms.lookbehind_sam import LookbehindState, lookbehind_sam
 from sam_optax._transforms.looksam import LookSAMState, looksam
 from sam_optax._transforms.masked_sam import (
     FisherMaskState,
@@ -62,6 +63,7 @@ __all__ = (
     "GradientCheck",
     "GuardedRho",
     "LookSAMState",
+    "LookbehindState",
     "MSAMState",
     "RadiusState",
     "RandomKeyState",
@@ -86,6 +88,7 @@ __all__ = (
     "get_rho",
     "gsam_rho_schedule",
     "guarded",
+    "lookbehind_sam",
     "looksam",
     "masked_sam",
     "perturbations",
