@@ -324,3 +324,37 @@ def test_check_step_block_passes_a_right_chain_and_names_a_wrong_one():
   ns.update(tx=wrong, opt_state=wrong.init(ns["params"]))
   with pytest.raises(ValueError, match=r"optax\.chain\(sam_optax\.sam\(\.\.\.\), optax"):
     _run("sam_optax.check_step(tx, grads", ns)
+
+
+def test_cheap_ascent_block_takes_the_perturbation_from_a_quarter():
+  """The block's 50 steps replayed in float64 NumPy: ε from the first quarter
+  of the batch, the gradient at w + ε on all of it (Bahri et al. 2022)."""
+  ns = _run("def cheap_ascent_step(", {})
+  x, y = np.asarray(ns["x"], np.float64), np.asarray(ns["y"], np.float64)
+  start = (0.5 * np.asarray(jax.random.normal(ns["k1"], (4, 16)), np.float64),
+           0.5 * np.asarray(jax.random.normal(ns["k2"], (16, 1)), np.float64))
+
+  def loss(w1, w2):
+    return np.mean((np.tanh(x @ w1) @ w2 - y) ** 2)
+
+  def grad(w1, w2, x, y):
+    h = np.tanh(x @ w1)
+    r = 2.0 * (h @ w2 - y) / len(x)
+    return x.T @ ((r @ w2.T) * (1.0 - h**2)), h.T @ r
+
+  def replay(ascent_rows):
+    (w1, w2), m1, m2 = start, 0.0, 0.0
+    for _ in range(50):
+      g1, g2 = grad(w1, w2, x[:ascent_rows], y[:ascent_rows])
+      scale = 0.05 / np.sqrt(np.sum(g1**2) + np.sum(g2**2))
+      u1, u2 = grad(w1 + scale * g1, w2 + scale * g2, x, y)
+      m1, m2 = 0.9 * m1 + u1, 0.9 * m2 + u2
+      w1, w2 = w1 - 0.1 * m1, w2 - 0.1 * m2
+    return w1, w2
+
+  w1, w2 = replay(len(x) // 4)
+  np.testing.assert_allclose(np.asarray(ns["params"]["w1"]), w1, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ns["params"]["w2"]), w2, rtol=1e-4, atol=1e-5)
+  full1, _ = replay(len(x))  # ε from the whole batch: another trajectory
+  assert np.max(np.abs(full1 - w1)) > 1e-3
+  assert loss(w1, w2) < 0.5 * loss(*start)
