@@ -29,6 +29,7 @@ from sam_optax._parts import directions, perturbations, policies
 from sam_optax._parts.compose import sharpness_aware
 from sam_optax._transforms.ae_sam import AESAMState, ae_sam
 from sam_optax._transforms.asam import asam
+from sam_optax._transforms.bsam import BSAMState, bsam, bsam_sample
 from sam_optax._transforms.dgsam import dgsam
 from sam_optax._transforms.esam import esam
 from sam_optax._transforms.fisher_sam import fisher_sam
@@ -40,6 +41,7 @@ from sam_optax._transforms.looksam import LookSAMState, looksam
 from sam_optax._transforms.masked_sam import (
     FisherMaskState,
     fisher_masked_sam,
+    fsam4plm_exempt,
     masked_sam,
 )
 from sam_optax._transforms.msam import MSAMState, msam, msam_unperturbed
@@ -51,6 +53,7 @@ from sam_optax._transforms.usam import usam
 from sam_optax._transforms.vasso import VaSSOState, vasso
 from sam_optax._transforms.wsam import WSAMDecoupledState, wsam, wsam_decoupled
 from sam_optax._wrappers import with_sam
+from sam_optax import calibration  # noqa: E402  (module namespace)
 from sam_optax import sharpness  # noqa: E402  (subpackage namespace)
 
 __version__ = "0.1.0"
@@ -58,6 +61,7 @@ __version__ = "0.1.0"
 __all__ = (
     "AESAMState",
     "AutoRho",
+    "BSAMState",
     "FisherMaskState",
     "FriendlySAMState",
     "GradientCheck",
@@ -75,6 +79,9 @@ __all__ = (
     "ae_sam",
     "asam",
     "auto_rho",
+    "bsam",
+    "bsam_sample",
+    "calibration",
     "check_step",
     "debug_checks",
     "dgsam",
@@ -83,6 +90,7 @@ __all__ = (
     "fisher_masked_sam",
     "fisher_sam",
     "friendly_sam",
+    "fsam4plm_exempt",
     "gcsam",
     "gsam",
     "get_rho",
