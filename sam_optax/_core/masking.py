@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional, Union
 
 import jax
@@ -70,14 +71,17 @@ def select(mask: PyTree, on: PyTree, off: PyTree) -> PyTree:
   return jax.tree.map(leaf, mask, on, off)
 
 
-def top_fraction(scores: Any, keep_fraction: Any) -> Any:
+def top_fraction(scores: Any, keep_fraction: Any, count: str = "round") -> Any:
   """Boolean tree selecting the largest ``scores`` over all leaves together.
 
-  Keeps ``round(keep_fraction * n)`` of the ``n`` entries, at least one for
-  a positive fraction (a global top-k, not per leaf). Ties are broken
-  deterministically: among equal scores, the entry that comes first in
-  ``jax.tree.leaves`` order (row-major within a leaf) wins.
-  ``keep_fraction`` may be a traced value.
+  With ``count="round"`` it keeps ``round(keep_fraction * n)`` of the ``n``
+  entries, at least one for a positive fraction; with ``count="floor"``,
+  ``floor(keep_fraction * n)``, possibly none (``int(n * keep_ratio)`` of
+  Zhong et al.'s code; a Python-float ``keep_fraction`` is counted in
+  Python float64 as there, a traced one in its own dtype). It is a global
+  top-k, not per leaf. Ties are broken deterministically: among equal
+  scores, the entry that comes first in ``jax.tree.leaves`` order
+  (row-major within a leaf) wins. ``keep_fraction`` may be a traced value.
 
   Leaves sharded over a mesh axis in JAX's explicit sharding mode are
   gathered (``jax.sharding.reshard`` to replicated) before they are
@@ -94,9 +98,15 @@ def top_fraction(scores: Any, keep_fraction: Any) -> Any:
       for x, s in zip(leaves, shardings)
   ])
   n = flat.size
-  fraction = jnp.asarray(keep_fraction)
-  keep = jnp.round(fraction * n).astype(jnp.int32)
-  keep = jnp.where(fraction > 0, jnp.maximum(keep, 1), keep)  # never empty
+  if count == "floor":
+    if isinstance(keep_fraction, (int, float)):
+      keep = jnp.asarray(math.floor(n * float(keep_fraction)), jnp.int32)
+    else:
+      keep = jnp.floor(jnp.asarray(keep_fraction) * n).astype(jnp.int32)
+  else:
+    fraction = jnp.asarray(keep_fraction)
+    keep = jnp.round(fraction * n).astype(jnp.int32)
+    keep = jnp.where(fraction > 0, jnp.maximum(keep, 1), keep)  # never empty
   order = jnp.argsort(-flat, stable=True)
   ranks = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
   selected = ranks < keep

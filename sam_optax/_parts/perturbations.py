@@ -11,6 +11,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sam_optax._core import masking, tree, validation
@@ -288,6 +289,24 @@ class FisherMaskState(NamedTuple):
   score: Any
 
 
+def _exempt_leaves(caller: str, exempt: masking.MaskOrFn, params: Any) -> list:
+  """``exempt`` resolved against ``params``: one Python bool per leaf."""
+  n = len(jax.tree.leaves(params))
+  if exempt is None:
+    return [False] * n
+  resolved = masking.resolve(caller, "exempt", exempt, params)
+  out = []
+  for path, e in jax.tree_util.tree_flatten_with_path(resolved)[0]:
+    if not isinstance(e, (bool, np.bool_)):
+      raise ValueError(
+          f"`{caller}`: `exempt` leaves must be Python bools (whole"
+          f" parameters are exempt or not); got {e!r} at"
+          f" {jax.tree_util.keystr(path)!r}."
+      )
+    out.append(bool(e))
+  return out
+
+
 def fisher_mask(
     sparsity: float = 0.9,
     refresh_every: int = 100,
@@ -295,35 +314,64 @@ def fisher_mask(
     score: str = "accumulated",
     normalize: str = "full",
     eps: float = 1e-12,
+    exempt: masking.MaskOrFn = None,
+    count: str = "round",
 ) -> Perturbation:
   r"""SAM's direction restricted to a mask of the largest Fisher scores.
 
   On steps 0, N, 2N, ... (N = ``refresh_every``) the mask is recomputed,
   before that step's perturbation, as the global top ``1 - sparsity``
   fraction of the score (squared clean gradients, summed since the last
-  refresh or of the current step only); the refresh runs inside
-  ``jax.lax.cond``. The direction is :math:`M \odot g / \|g\|`
-  (``normalize="full"``) or :math:`M \odot g / \|M \odot g\|`
-  (``"masked"``). See :func:`sam_optax.fisher_masked_sam`.
+  refresh or of the current step only) over the parameters not in
+  ``exempt``; the refresh runs inside ``jax.lax.cond``. ``exempt`` (``None``,
+  a pytree of Python bools with the parameters' structure, or a callable
+  ``params -> such a tree``) names whole parameters that are left out of
+  the ranking and always selected, so they get SAM's full perturbation (as
+  biases, embeddings and BatchNorm parameters in Zhong et al.'s code).
+  ``count`` is ``"round"`` (``round(fraction * n)``, at least one) or
+  ``"floor"`` (``floor(fraction * n)``, as Zhong et al.'s ``int(n *
+  keep_ratio)``), ``n`` the number of entries ranked. The direction is
+  :math:`M \odot g / \|g\|` (``normalize="full"``) or :math:`M \odot g /
+  \|M \odot g\|` (``"masked"``). See :func:`sam_optax.fisher_masked_sam`.
   """
   caller = "fisher_masked_sam"
   validation.check_scalar(caller, "sparsity", sparsity, low=0.0, high=1.0)
   validation.check_int(caller, "refresh_every", refresh_every, low=1)
   validation.check_option(caller, "score", score, ("accumulated", "current"))
   validation.check_option(caller, "normalize", normalize, ("masked", "full"))
+  validation.check_option(caller, "count", count, ("round", "floor"))
   accumulate = score == "accumulated"
   inner = l2(eps)
+  static_sparsity = validation.concrete_float(sparsity)
+
+  def keep_fraction():
+    if count == "floor" and static_sparsity is not None:
+      # In Python float64, rounded so that sparsity=0.9 keeps exactly the
+      # Python float 0.1 (the authors' keep_ratio), not 0.09999999999999998.
+      return round(1.0 - static_sparsity, 12)
+    fraction = 1 - jnp.asarray(sparsity)
+    if count == "floor":  # the same rounding for a traced sparsity
+      fraction = jnp.round(fraction * 1e12) / 1e12
+    return fraction
 
   def init(params):
     # zeros_like keeps each parameter's sharding, which the refreshed mask
     # (resharded like its score) has too: under explicit sharding the two
     # branches of the refresh conditional must agree.
-    mask = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.bool_), params)
+    if masking.is_placeholder(params):  # see `masking.is_placeholder`
+      ex = None
+    else:
+      ex = _exempt_leaves(caller, exempt, params)
+    leaves, treedef = jax.tree.flatten(params)
+    mask = jax.tree.unflatten(treedef, [
+        jnp.ones_like(p, jnp.bool_) if ex and ex[i] else jnp.zeros_like(p, jnp.bool_)
+        for i, p in enumerate(leaves)
+    ])
     acc = tree.widen(optax.tree.zeros_like(params)) if accumulate else ()
     return FisherMaskState(mask=mask, score=acc)
 
-  def prepare(g, params, state, count):
-    del params
+  def prepare(g, params, state, count_):
+    ex = _exempt_leaves(caller, exempt, params)
     if accumulate:
       acc = jax.tree.map(
           lambda s, gi: s + jnp.square(gi.astype(s.dtype)), state.score, g
@@ -332,19 +380,27 @@ def fisher_mask(
       acc = jax.tree.map(lambda gi: jnp.square(tree.widen(gi)), g)
 
     def refresh(acc):
-      new = masking.top_fraction(acc, 1 - jnp.asarray(sparsity))
+      scores, treedef = jax.tree.flatten(acc)
+      old = jax.tree.leaves(state.mask)
+      ranked = masking.top_fraction(
+          [s for s, e in zip(scores, ex) if not e], keep_fraction(), count
+      )
+      ranked = iter(ranked)
+      # Exempt leaves keep their all-True mask from `init`.
+      new = [m if e else next(ranked) for m, e in zip(old, ex)]
+      new = jax.tree.unflatten(jax.tree.structure(state.mask), new)
       return new, jax.tree.map(jnp.zeros_like, acc) if accumulate else ()
 
     def keep(acc):
       return state.mask, acc if accumulate else ()
 
-    due = count % jnp.asarray(refresh_every, count.dtype) == 0
+    due = count_ % jnp.asarray(refresh_every, count_.dtype) == 0
     mask, acc = jax.lax.cond(due, refresh, keep, acc)
     return FisherMaskState(mask=mask, score=acc)
 
-  def direction(g, params, state, count):
+  def direction(g, params, state, count_):
     sub = masked(inner, state.mask, mask_gradient=normalize == "masked")
-    d, _ = sub.direction(g, params, optax.EmptyState(), count)
+    d, _ = sub.direction(g, params, optax.EmptyState(), count_)
     return d, state
 
   return Perturbation(init, direction, prepare)

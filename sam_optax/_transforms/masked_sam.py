@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import re
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ from sam_optax._parts import perturbations
 from sam_optax._parts.compose import sharpness_aware
 from sam_optax._parts.perturbations import FisherMaskState
 
-__all__ = ("FisherMaskState", "fisher_masked_sam", "masked_sam")
+__all__ = ("FisherMaskState", "fisher_masked_sam", "fsam4plm_exempt", "masked_sam")
 
 _NORMALIZE = ("masked", "full")
 
@@ -208,15 +209,95 @@ def masked_sam(
   )
 
 
+# Zhong et al.'s `init_mask` (FSAM4PLM, fairseq-FSAM/optim/samsgd.py): a
+# parameter whose name contains "bias" or "embed", or that belongs to a
+# BatchNorm1d/2d module, is left out of the Fisher mask.
+_BATCH_NORM_MODULE = re.compile(
+    r"batch_?norm|(?:^|[^a-z])bn\d*(?:[^a-z]|$)", re.IGNORECASE
+)
+_WRAPPER_ENTRIES = frozenset({"value", "raw_value"})
+
+
+def _path_names(path: tuple) -> list[str]:
+  names = []
+  for entry in path:
+    if isinstance(entry, jax.tree_util.DictKey):
+      names.append(str(entry.key))
+    elif isinstance(entry, jax.tree_util.GetAttrKey):
+      names.append(entry.name)
+  while names and names[-1] in _WRAPPER_ENTRIES:
+    names.pop()
+  return names
+
+
+def _is_fsam4plm_exempt(path: tuple) -> bool:
+  names = _path_names(path)
+  if any("bias" in n.lower() or "embed" in n.lower() for n in names):
+    return True
+  return len(names) >= 2 and _BATCH_NORM_MODULE.search(names[-2]) is not None
+
+
+def fsam4plm_exempt(params: Any) -> Any:
+  """The parameters Zhong et al.'s Fisher-mask SAM leaves out of its mask.
+
+  Their code (FSAM4PLM, ``SAM_Mask.init_mask``) removes from the mask every
+  parameter whose dotted name contains ``bias`` or ``embed`` and the
+  parameters of ``BatchNorm1d``/``BatchNorm2d`` modules; those parameters are
+  not ranked and receive SAM's full perturbation. Here a leaf is exempt
+  (``True``) when a name on its path (module or leaf, compared
+  case-insensitively) contains ``bias`` or ``embed`` (``bias``, ``Embed_0``,
+  ``embedding``, ``pos_embed``, ``layernorm_embedding``), or when the module
+  holding it is named like a batch normalization (``BatchNorm_0``,
+  ``batch_norm``, ``bn``, ``bn1``; layer normalizations are not exempt, as
+  in the authors' code). A trailing ``.value`` path entry (Flax NNX
+  variables) is skipped. Check the result before training; other naming
+  schemes need an explicit ``exempt=`` tree.
+
+  Args:
+    params: a parameter pytree (Flax Linen dicts, an NNX ``State``, or any
+      pytree with dict keys or attributes).
+
+  Returns:
+    A pytree with the structure of ``params`` and Python-bool leaves.
+
+  Examples:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> params = {"Embed_0": {"embedding": jnp.ones((5, 2))},
+    ...           "BatchNorm_0": {"scale": jnp.ones(2), "bias": jnp.zeros(2)},
+    ...           "LayerNorm_0": {"scale": jnp.ones(2)},
+    ...           "Dense_0": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)}}
+    >>> sam_optax.fsam4plm_exempt(params)  # doctest: +NORMALIZE_WHITESPACE
+    {'BatchNorm_0': {'bias': True, 'scale': True},
+     'Dense_0': {'bias': True, 'kernel': False},
+     'Embed_0': {'embedding': True}, 'LayerNorm_0': {'scale': False}}
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: _is_fsam4plm_exempt(path), params
+  )
+
+
+# The options `style` sets: the library's defaults, and Zhong et al.'s.
+_STYLES = {
+    None: {"score": "accumulated", "eps": 1e-12, "exempt": None, "count": "round"},
+    "fsam4plm": {
+        "score": "current", "eps": 1e-7, "exempt": fsam4plm_exempt,
+        "count": "floor",
+    },
+}
+
+
 @validation.reported_as("fisher_masked_sam")
 def fisher_masked_sam(
     rho: ScalarOrSchedule = 0.05,
     sparsity: float = 0.9,
     refresh_every: int = 100,
     *,
-    score: str = "accumulated",
+    style: Optional[str] = None,
+    score: Optional[str] = None,
     normalize: str = "full",
-    eps: float = 1e-12,
+    eps: Optional[float] = None,
+    exempt: Union[masking.MaskOrFn, bool, str] = None,
+    count: Optional[str] = None,
     num_ascent_steps: Optional[int] = None,
     renormalize: bool = False,
     nonfinite: str = "skip",
@@ -226,8 +307,8 @@ def fisher_masked_sam(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Fisher-mask SAM / SSAM-F: perturb only the entries with the most Fisher information.
 
-  A mask :math:`M` keeps the fraction ``1 - sparsity`` of all parameter
-  entries (a global top-k over all leaves together) with the largest
+  A mask :math:`M` keeps the fraction ``1 - sparsity`` of the parameter
+  entries (a global top-k over all ranked leaves together) with the largest
   diagonal empirical Fisher score, and the perturbation is masked as in
   :func:`masked_sam`:
 
@@ -237,26 +318,57 @@ def fisher_masked_sam(
     \quad (\texttt{normalize="full"}, \text{default}), \qquad
     u = \nabla L(w + \hat\epsilon).
 
-  The mask is recomputed on steps :math:`t \equiv 0 \pmod N` with
-  :math:`N` = ``refresh_every`` (steps 0, N, 2N, ...; inside
-  ``jax.lax.cond``, so the ranking runs only then), *before* that step's
-  perturbation, so step 0 already perturbs with a mask. The score is the
-  squared clean mini-batch gradient, the practical proxy of the papers'
-  per-sample squares:
+  Parameters named in ``exempt`` are not ranked and have :math:`M = 1`:
+  they receive SAM's full perturbation (none are exempt by default; see
+  ``style="fsam4plm"``). The mask is recomputed on steps
+  :math:`t \equiv 0 \pmod N` with :math:`N` = ``refresh_every`` (steps 0,
+  N, 2N, ...; inside ``jax.lax.cond``, so the ranking runs only then),
+  *before* that step's perturbation, so step 0 already perturbs with a mask.
+  The score is the squared clean mini-batch gradient, the practical proxy of
+  the papers' per-sample squares:
 
-  * ``score="accumulated"`` (default): :math:`\sum_s g_s \odot g_s` over the
-    steps since the previous refresh, the current one included (at step 0,
-    :math:`g_0 \odot g_0`), which averages the estimate over ``N``
-    mini-batches (SSAM's Fisher sums per-sample squares over 1024 samples);
+  * ``score="accumulated"`` (default without ``style``):
+    :math:`\sum_s g_s \odot g_s` over the steps since the previous refresh,
+    the current one included (at step 0, :math:`g_0 \odot g_0`), which
+    averages the estimate over ``N`` mini-batches (SSAM's Fisher sums
+    per-sample squares over 1024 samples);
   * ``score="current"``: :math:`g_t \odot g_t` of the refresh step only, as
-    in Zhong et al.'s code (which squares the current batch gradient).
+    in Zhong et al.'s code (which squares the current batch-mean gradient).
 
-  Ties are broken deterministically (the entry earlier in
-  ``jax.tree.leaves`` order wins), and the number kept is
-  ``round((1 - sparsity) * n)`` for ``n`` entries, at least one unless
-  ``sparsity=1`` (which perturbs nothing). Between refreshes the mask
-  is frozen in the state (:class:`FisherMaskState`), so it persists across
-  ``jit`` calls and checkpoints.
+  The number kept is ``round((1 - sparsity) * n)`` for ``n`` ranked entries,
+  at least one unless ``sparsity=1`` (``count="round"``), or
+  ``floor((1 - sparsity) * n)``, possibly none (``count="floor"``, the
+  authors' ``int(n * keep_ratio)``). Ties are broken deterministically (the
+  entry earlier in ``jax.tree.leaves`` order wins). Between refreshes the
+  mask is frozen in the state (:class:`FisherMaskState`), so it persists
+  across ``jit`` calls and checkpoints.
+
+  Zhong et al.'s rule (``style="fsam4plm"``). Their code (WHU-ZQH/FSAM4PLM,
+  ``fairseq-FSAM/optim/samsgd.py``, ``SAM_Mask``; commit 77d5b3b) scores
+  the square of the clean batch-mean gradient of the refresh step
+  (``set_fisher_mask``, called when ``num_updates % mask_iter_e == 0``,
+  ``--mask-iter-e 100`` in their scripts), keeps the top
+  ``int(n * keep_ratio)`` entries (``keep_ratio=0.1``) of the parameters
+  that remain after ``init_mask`` removes those whose name contains
+  ``bias`` or ``embed`` and those of BatchNorm layers, gives the removed
+  parameters the unmasked perturbation, and perturbs by
+  :math:`\rho\, M \odot g / (\|g\| + 10^{-7})` with the norm of the whole
+  gradient (``first_step``), ρ = 0.05. ``style="fsam4plm"`` sets
+  ``score="current"``, ``exempt="fsam4plm"`` (:func:`fsam4plm_exempt`),
+  ``count="floor"`` and ``eps=1e-7``; with ``sparsity=0.9``,
+  ``refresh_every=100``, ``rho=0.05`` and ``normalize="full"`` (the
+  defaults) it is their perturbation. Options passed explicitly override
+  the style's. What is not reproduced: (1) ties, which ``torch.sort``
+  orders arbitrarily; (2) on their refresh steps ``set_fisher_mask`` zeroes
+  the gradients (``self.model.zero_grad()``) before ``first_step`` reads
+  them, so in their runs (PyTorch 1.x) every ``mask_iter_e``-th step,
+  step 0 included, is not perturbed at all; here every step is; (3) their
+  ``fisher-sam`` path restores the weights from ``old_p``, which
+  ``SAM_Mask.first_step`` never stores (their ``fisher-esam`` and
+  ``fisher-gsam`` paths, which share the mask and ``first_step`` rule, are
+  the ones their run script lists); (4) their perturbed gradient is that
+  of the summed, not averaged, batch loss (fed to torch ``Adam``, which
+  mostly ignores the scale); chain the base optimizer you want.
 
   Choosing rho: SAM's values with the default ``normalize="full"``: the
   perturbation is SAM's with the unselected entries zeroed, so its length is
@@ -267,16 +379,29 @@ def fisher_masked_sam(
 
   Args:
     rho: perturbation radius or schedule.
-    sparsity: fraction of entries *not* perturbed, in [0, 1] (SSAM's
-      convention). The default 0.9 keeps 10%, Zhong et al.'s ``keep_ratio``;
-      SSAM reports 0.5 (its code's default is 0.2).
+    sparsity: fraction of the ranked entries *not* perturbed, in [0, 1]
+      (SSAM's convention). The default 0.9 keeps 10%, Zhong et al.'s
+      ``keep_ratio``; SSAM reports 0.5 (its code's default is 0.2).
     refresh_every: steps between mask refreshes (an int >= 1); Zhong et al.
       refresh every 100 updates, SSAM every 1 to 5 epochs.
-    score: ``"accumulated"`` or ``"current"``, see above.
+    style: ``None`` (the defaults below) or ``"fsam4plm"`` (Zhong et al.'s
+      code, see above): the defaults of ``score``, ``eps``, ``exempt`` and
+      ``count``.
+    score: ``"accumulated"`` or ``"current"``, see above; default
+      ``"accumulated"`` (``"current"`` with ``style="fsam4plm"``).
     normalize: ``"full"`` (norm of the whole gradient, both official codes)
-      or ``"masked"`` (norm of :math:`M \odot g`, so the perturbation has
-      norm :math:`\rho`).
-    eps: added to the norm.
+      or ``"masked"`` (norm of :math:`M \odot g`, exempt parameters
+      included, so the perturbation has norm :math:`\rho`).
+    eps: added to the norm; default 1e-12 (1e-7 with ``style="fsam4plm"``).
+    exempt: parameters left out of the ranking that receive the full
+      perturbation: ``None`` (the style's default: none, or
+      :func:`fsam4plm_exempt` with ``style="fsam4plm"``), ``False`` (none),
+      ``"fsam4plm"`` (:func:`fsam4plm_exempt`), a pytree of Python bools with
+      the structure of the parameters, or a callable ``params -> such a
+      tree`` (with ``optax.inject_hyperparams``, pass
+      ``static_args=("exempt",)`` for a callable).
+    count: ``"round"`` or ``"floor"``, see above; default ``"round"``
+      (``"floor"`` with ``style="fsam4plm"``).
     num_ascent_steps: see :func:`sam_optax.sam`; every ascent step uses the
       mask of the current step.
     renormalize: see :func:`sam_optax.sam`.
@@ -290,8 +415,10 @@ def fisher_masked_sam(
 
   Raises:
     ValueError: if ``sparsity`` lies outside [0, 1], ``refresh_every`` is not
-      an int >= 1, or ``score`` / ``normalize`` is not a known option,
-      besides the checks of :func:`sam_optax.sam`.
+      an int >= 1, or ``style`` / ``score`` / ``normalize`` / ``count`` is
+      not a known option; at ``init``, if ``exempt`` does not match the
+      parameters' structure or has leaves other than Python bools; besides
+      the checks of :func:`sam_optax.sam`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -304,6 +431,11 @@ def fisher_masked_sam(
     >>> state.variant.perturbation.mask["w"].tolist()  # the two largest |g| kept
     [True, False, False, True]
 
+    Zhong et al.'s rule, with Adam as in their fine-tuning scripts:
+
+    >>> tx = optax.chain(sam_optax.fisher_masked_sam(style="fsam4plm"),
+    ...                  optax.adam(2e-5, b2=0.98, eps=1e-6))
+
   References:
     Zhong, Ding, Shen, Mi, Liu, Du, Tao, *Improving Sharpness-Aware
     Minimization with Fisher Mask for Better Generalization on Language
@@ -315,10 +447,25 @@ def fisher_masked_sam(
     https://arxiv.org/abs/2210.05177 (code:
     https://github.com/Mi-Peng/Sparse-Sharpness-Aware-Minimization).
   """
+  caller = "fisher_masked_sam"
+  if style is not None and style not in _STYLES:
+    validation.check_option(caller, "style", style, ("fsam4plm",))
+  defaults = _STYLES[style]
+  score = defaults["score"] if score is None else score
+  eps = defaults["eps"] if eps is None else eps
+  count = defaults["count"] if count is None else count
+  if exempt is None:
+    exempt = defaults["exempt"]
+  elif exempt is False:
+    exempt = None
+  elif isinstance(exempt, str):
+    validation.check_option(caller, "exempt", exempt, ("fsam4plm",))
+    exempt = fsam4plm_exempt
   return sharpness_aware(
       rho,
       perturbation=perturbations.fisher_mask(
-          sparsity, refresh_every, score=score, normalize=normalize, eps=eps
+          sparsity, refresh_every, score=score, normalize=normalize, eps=eps,
+          exempt=exempt, count=count,
       ),
       eps=eps,
       num_ascent_steps=num_ascent_steps,
