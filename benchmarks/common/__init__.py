@@ -13,4 +13,8 @@
   convolution as strided slices and one matmul), the sequential training
   sweep with collapse detection, label noise and paired statistics of
   ``generalization.py``.
+* :mod:`.text`, :mod:`.sequence_models`: Shakespeare as a byte-level corpus
+  (splits, training and evaluation windows, lines labelled by play) and small
+  Flax Linen language models (causal Transformer, GRU) for
+  ``language_model.py``.
 """
