@@ -35,7 +35,11 @@ class Case:
   errors name. ``grad_fn=False`` marks a transform without the ``grad_fn=``
   alternative. ``rho_zero_rtol`` is how far ``rho=0`` may be from the base
   optimizer: 0 (bit for bit) unless the transform averages several
-  gradients, which float32 rounds.
+  gradients, which float32 rounds. ``uses_clean_gradient=False`` marks a
+  transform that takes every gradient from its closure and ignores the one
+  handed to ``update`` (the non-finite clean-gradient checks do not apply);
+  ``controlled_rho=False`` one that rejects ``rho="auto"`` and the radius
+  controllers.
   """
 
   name: str
@@ -47,6 +51,8 @@ class Case:
   closure_name: str = "loss_fn"
   grad_fn: bool = True
   rho_zero_rtol: float = 0.0
+  uses_clean_gradient: bool = True
+  controlled_rho: bool = True
 
   def make(self, **overrides: Any) -> optax.GradientTransformationExtraArgs:
     return self.factory(**{**self.kwargs, **overrides})
@@ -156,5 +162,7 @@ CASES = (
         closure_name="domain_loss_fn",
         grad_fn=False,
         rho_zero_rtol=1e-6,
+        uses_clean_gradient=False,
+        controlled_rho=False,
     ),
 )

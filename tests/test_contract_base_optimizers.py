@@ -162,7 +162,7 @@ def test_every_case_before_every_base_matches_its_oracle(case, base_name):
   @jax.jit
   def step(p, s, t):
     g = jax.grad(loss_fn)(p)
-    u, s = tx.update(g, s, p, loss_fn=oracles.recording(loss_fn, seen, t),
+    u, s = tx.update(g, s, p, **case.closure(oracles.recording(loss_fn, seen, t)),
                      **extra)
     return optax.apply_updates(p, u), s
 

@@ -107,6 +107,8 @@ def _recording_step(tx, loss_fn, **extra):
 
 @cases
 def test_nonfinite_clean_gradient_is_handed_on_nonfinite(case):
+  if not case.uses_clean_gradient:
+    pytest.skip(f"{case.name} ignores the clean gradient it is handed")
   params, loss_fn = problems.mlp_problem(seed=3)
   tx = case.make()
   update, points = _recording_step(tx, loss_fn)
@@ -136,6 +138,8 @@ def test_nonfinite_clean_gradient_is_handed_on_nonfinite(case):
 
 @cases
 def test_apply_if_finite_skips_the_bad_step_and_training_goes_on(case):
+  if not case.uses_clean_gradient:
+    pytest.skip(f"{case.name} ignores the clean gradient it is handed")
   params, loss_fn = problems.mlp_problem(seed=4)
   tx = optax.apply_if_finite(
       optax.chain(case.make(), optax.sgd(0.1, momentum=0.9)),
@@ -254,7 +258,7 @@ def test_nonfinite_count_accumulates(policy):
     counts.append(int(state.nonfinite_count))
     taken.append(float(state.stats.pass_taken))
     if poison and policy == "fallback":  # the clean gradient
-      chex.assert_trees_all_close(out, grads, rtol=1e-5, atol=1e-9)
+      chex.assert_trees_all_close(out, grads, rtol=1e-5, atol=1e-8)
     elif poison:  # a zero gradient
       chex.assert_trees_all_equal(out, jax.tree.map(jnp.zeros_like, grads))
     else:
