@@ -218,8 +218,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "fisher-mask-refresh-off-by-one", P,
-        "due = count % jnp.asarray(refresh_every, count.dtype) == 0",
-        "due = count % jnp.asarray(refresh_every, count.dtype) == 1",
+        "due = count_ % jnp.asarray(refresh_every, count_.dtype) == 0",
+        "due = count_ % jnp.asarray(refresh_every, count_.dtype) == 1",
         _oracle("fisher_masked_sam") + _stateful("fisher_masked_sam"),
         _legacy(["tests/test_variants_masked.py"], "fisher"),
     ),
