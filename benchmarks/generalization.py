@@ -83,10 +83,17 @@ class Variant(NamedTuple):
   Attributes:
     label: display name.
     front: ``rho -> transform`` chained in front of the base optimizer;
-      ``None`` for plain SGD.
+      ``None`` for plain SGD or a ``build``.
     rho_scale: the rho grid of this variant is ``RHO`` times this.
     wraps: the transform wraps the base optimizer (MSAM) instead.
     every: the second pass runs every ``every`` steps (LookSAM), else 0.
+    build: ``(hparams, total_steps, num_data) -> optimizer`` for a full
+      optimizer that wraps the base (``sgd_base``) or replaces it; ``None``
+      for the others.
+    is_base_at_rho_zero: ``rho = 0`` gives the base optimizer's update
+      (false for an optimizer that replaces the base, or steps it several
+      times per update).
+    note: its settings besides ρ, for the README's limits paragraph.
   """
 
   label: str
@@ -94,20 +101,78 @@ class Variant(NamedTuple):
   rho_scale: float = 1.0
   wraps: bool = False
   every: int = 0
+  build: Callable[[dict[str, Any], int, int], optax.GradientTransformation] | None = None
+  is_base_at_rho_zero: bool = True
+  note: str = ""
+
+
+def sgd_base(h: dict[str, Any], total_steps: int) -> optax.GradientTransformation:
+  """The shared base: ``add_decayed_weights(wd)``, SGD with momentum, cosine lr."""
+  return optax.chain(
+      optax.add_decayed_weights(h["wd"]),
+      optax.sgd(lr_schedule(h, total_steps), momentum=MOMENTUM))
+
+
+LOOKBEHIND_K = 2
+
+
+def _wsam_decoupled(h, total_steps, num_data):
+  del num_data
+  return sam_optax.wsam_decoupled(
+      sgd_base(h, total_steps), lr_schedule(h, total_steps), rho_value(h),
+      gamma=0.88)
+
+
+def _lookbehind(h, total_steps, num_data):
+  # The base steps k times per update: its cosine spans k times the updates.
+  del num_data
+  return sam_optax.lookbehind_sam(
+      sgd_base(h, LOOKBEHIND_K * total_steps), rho_value(h), k=LOOKBEHIND_K,
+      alpha=0.5)
+
+
+def _bsam(h, total_steps, num_data):
+  # The prior's pull delta = prior_precision / N is the weight decay.
+  return sam_optax.bsam(
+      lr_schedule(h, total_steps), rho_value(h), num_data=num_data,
+      prior_precision=h["wd"] * num_data)
 
 
 VARIANTS: dict[str, Variant] = {
     "sgd": Variant("SGD", None),
     "sam": Variant("SAM", lambda r: sam_optax.sam(r)),
-    "asam": Variant("ASAM", lambda r: sam_optax.asam(r), rho_scale=5.0),
-    "gsam": Variant("GSAM", lambda r: sam_optax.gsam(r, alpha=0.1)),
-    "looksam": Variant("LookSAM", lambda r: sam_optax.looksam(r, k=5, alpha=0.7),
-                       every=5),
-    "vasso": Variant("VaSSO", lambda r: sam_optax.vasso(r, theta=0.9)),
-    "friendly_sam": Variant("F-SAM", lambda r: sam_optax.friendly_sam(r)),
-    "msam": Variant("MSAM", None, rho_scale=5.0, wraps=True),
+    "asam": Variant("ASAM", lambda r: sam_optax.asam(r), rho_scale=5.0,
+                    note="ASAM η = 0.01"),
+    "gsam": Variant("GSAM", lambda r: sam_optax.gsam(r, alpha=0.1),
+                    note="GSAM α = 0.1 with a constant ρ"),
+    "looksam": Variant(
+        "LookSAM", lambda r: sam_optax.looksam(r, k=5, alpha=0.7), every=5,
+        note="LookSAM k = 5 and α = 0.7, whose steps without the second pass"
+             " add a stored direction of norm α‖g‖ whatever ρ"),
+    "vasso": Variant("VaSSO", lambda r: sam_optax.vasso(r, theta=0.9),
+                     note="VaSSO θ = 0.9"),
+    "friendly_sam": Variant("F-SAM", lambda r: sam_optax.friendly_sam(r),
+                            note="F-SAM σ = 1 and λ = 0.6"),
+    "msam": Variant("MSAM", None, rho_scale=5.0, wraps=True,
+                    note="MSAM evaluated at its unperturbed weights"),
     "sam_renorm": Variant("SAM, renormalize",
                           lambda r: sam_optax.sam(r, renormalize=True)),
+    "gcsam": Variant("GCSAM", lambda r: sam_optax.gcsam(r),
+                     note="GCSAM's ascent centralized per output filter"),
+    "wsam": Variant("WSAM", lambda r: sam_optax.wsam(r, gamma=0.88),
+                    note="WSAM γ = 0.88, a sharpness weight γ/(1−γ) ≈ 7.3,"
+                         " coupled or decoupled (its step at the base's lr)"),
+    "wsam_decoupled": Variant("WSAM, decoupled", None, build=_wsam_decoupled),
+    "lookbehind": Variant(
+        "Lookbehind-SAM", None, build=_lookbehind, is_base_at_rho_zero=False,
+        note=f"Lookbehind-SAM k = {LOOKBEHIND_K} and α = 0.5, its base stepped"
+             f" {LOOKBEHIND_K} times per update with the cosine spread over"
+             " all of them"),
+    "bsam": Variant(
+        "bSAM", None, rho_scale=0.1, build=_bsam, is_base_at_rho_zero=False,
+        note="bSAM (which replaces SGD) on SGD's lr grid and a tenth of its"
+             " ρ grid, prior precision wd × N, damping 0.1, β = 0.9/0.999,"
+             " evaluated at its mean"),
 }
 SGD_2X = "sgd_2x"
 LABELS = {**{k: v.label for k, v in VARIANTS.items()}, SGD_2X: "SGD, 2× epochs"}
@@ -138,14 +203,18 @@ def rho_value(h: dict[str, Any]) -> Any:
       w > 0, jnp.minimum(1.0, count / jnp.maximum(w, 1.0)), 1.0)
 
 
-def make_optimizer(key: str) -> sweep.Optimizer:
-  """The sweep optimizer of ``VARIANTS[key]`` on the shared SGD-momentum base."""
+def make_optimizer(key: str, num_data: int = 1) -> sweep.Optimizer:
+  """The sweep optimizer of ``VARIANTS[key]`` on the shared SGD-momentum base.
+
+  ``num_data`` is the training-set size, read by optimizers that model it
+  (bSAM's posterior).
+  """
   v = VARIANTS[key]
 
   def make(h, total_steps):
-    base = optax.chain(
-        optax.add_decayed_weights(h["wd"]),
-        optax.sgd(lr_schedule(h, total_steps), momentum=MOMENTUM))
+    if v.build is not None:
+      return v.build(h, total_steps, num_data)
+    base = sgd_base(h, total_steps)
     if v.wraps:
       return sam_optax.msam(base, rho_value(h))
     if v.front is None:
@@ -208,6 +277,7 @@ class Settings:
   readme: Path | None
   quick: bool
   progress: bool
+  added: list[str] | None = None
 
   def describe(self) -> dict[str, Any]:
     """The settings as plain JSON values."""
@@ -244,25 +314,33 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
   parser.add_argument("--quick", action="store_true",
                       help="smoke test: 2 epochs, 2 seeds, SGD and SAM, MLPs")
   parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument("--add", nargs="+", default=None, metavar="KEY",
+                      choices=[k for k in VARIANTS if k != "sgd"],
+                      help="train only these optimizers (and SGD, their"
+                           " pairing reference) on the data-set parts and add"
+                           " them to the stored JSON")
   args = parser.parse_args(argv)
   parts = list(PARTS) if args.part == "all" else (
       [] if args.part == "none" else [args.part])
+  if args.add is not None:
+    parts = [p for p in parts if p != "stability"]
   if args.quick:
     return Settings(
         parts=parts, epochs=2, eval_every=1, seeds=[0, 1],
         stability_seeds=[0, 1], noise=(0.0, 0.25),
-        optimizers=["sgd", "sam"],
+        optimizers=["sgd", *(args.add or ["sam"])],
         models={"mnist1d": ["MLP"], "digits": ["MLP"]},
         out=args.out, readme=args.readme, quick=True,
-        progress=not args.no_progress)
+        progress=not args.no_progress, added=args.add)
   eval_every = 10 if args.epochs % 10 == 0 else args.epochs
   return Settings(
       parts=parts, epochs=args.epochs, eval_every=eval_every,
       seeds=list(range(args.seeds)),
       stability_seeds=list(range(args.stability_seeds)), noise=NOISE,
-      optimizers=list(VARIANTS), models={k: list(d.models) for k, d in DATA.items()},
+      optimizers=(["sgd", *args.add] if args.add else list(VARIANTS)),
+      models={k: list(d.models) for k, d in DATA.items()},
       out=args.out, readme=args.readme, quick=False,
-      progress=not args.no_progress)
+      progress=not args.no_progress, added=args.add)
 
 
 def noise_key(p: float) -> str:
@@ -298,9 +376,9 @@ def grid(**axes: Sequence[float]) -> dict[str, np.ndarray]:
 
 
 def step_flops(model: models.Model, key: str, x: np.ndarray, y: np.ndarray,
-               rho: float) -> float | None:
+               rho: float, num_data: int = 1) -> float | None:
   """XLA's FLOPs of one unbatched training step of optimizer ``key``."""
-  opt = make_optimizer(key)
+  opt = make_optimizer(key, num_data)
   tx = opt.make({"lr": 0.1, "wd": 5e-4, "rho": rho}, 1000)
   params = model.init(jax.random.PRNGKey(0))
   _, flops = measure.compile_with_flops(
@@ -320,7 +398,8 @@ def optimizer_costs(model: models.Model, problem: sweep.Problem, batch: int,
   out = {}
   for key in keys:
     v = VARIANTS[key]
-    f = step_flops(model, key, x, y, RHO[0] * v.rho_scale)
+    f = step_flops(model, key, x, y, RHO[0] * v.rho_scale,
+                   len(problem.y_train_clean))
     if v.every and f is not None:
       f_skip = step_flops(model, key, x, y, 0.0)
       f = (f + (v.every - 1) * f_skip) / v.every
@@ -413,8 +492,11 @@ def summarize_model(results: dict[str, sweep.SweepResult],
 # Parts.
 
 
-def run_dataset(name: str, s: Settings) -> dict[str, Any]:
-  """All optimizers on one data set: both models, every noise level."""
+def run_dataset(name: str, s: Settings, sgd_2x: bool = True) -> dict[str, Any]:
+  """All optimizers on one data set: both models, every noise level.
+
+  ``sgd_2x=False`` leaves out SGD with twice the epochs (for ``--add``).
+  """
   spec = DATA[name]
   t0 = time.perf_counter()
   ds = spec.load()
@@ -443,19 +525,21 @@ def run_dataset(name: str, s: Settings) -> dict[str, Any]:
     sgd_hp = {k: np.asarray([results["sgd"].hparams[k][g, sgd_sel[p]]
                              for g, (p, _) in enumerate(groups)])
               for k in ("lr", "wd")}
-    results[SGD_2X] = sweep.train_sweep(
-        model, problem, make_optimizer("sgd"),
-        {k: v[:, None] for k, v in sgd_hp.items()}, seeds_g,
-        desc=f"{tag} SGD 2x", **{**common, "epochs": 2 * s.epochs})
+    if sgd_2x:
+      results[SGD_2X] = sweep.train_sweep(
+          model, problem, make_optimizer("sgd"),
+          {k: v[:, None] for k, v in sgd_hp.items()}, seeds_g,
+          desc=f"{tag} SGD 2x", **{**common, "epochs": 2 * s.epochs})
     for key in keys:
       v = VARIANTS[key]
       g = grid(lr=spec.lr, rho=tuple(r * v.rho_scale for r in RHO))
       hp = {**g, "wd": np.repeat(sgd_hp["wd"][:, None], g["lr"].size, axis=1)}
       results[key] = sweep.train_sweep(
-          model, problem, make_optimizer(key), hp, seeds_g,
+          model, problem, make_optimizer(key, len(ds.y_train)), hp, seeds_g,
           desc=f"{tag} {v.label}", **common)
     costs = optimizer_costs(model, problem, spec.batch, s.optimizers)
-    costs[SGD_2X] = dict(costs["sgd"])
+    if sgd_2x:
+      costs[SGD_2X] = dict(costs["sgd"])
     for key, res in results.items():
       c = costs[key]
       c["steps_per_run"] = res.epochs * res.steps_per_epoch
@@ -770,16 +854,16 @@ def limits(result: dict[str, Any]) -> str:
   """What the tables do not show, from the settings."""
   s = result["settings"]
   n = len(s["seeds"])
+  notes = [VARIANTS[k].note for k in s["optimizers"]
+           if k in VARIANTS and VARIANTS[k].note]
   return (
       f"Limits: {n} seeds per setting and 2 × 2 grids support no claim of"
       " significance (read the win counts and the spread, not the last digit;"
       " one validation split per data set, with noisy labels, does the"
       f" selecting). All runs last {s['epochs']} epochs; larger ρ needs"
       " longer training, so longer runs may favour the SAM family more. The"
-      " variants use their papers' defaults besides ρ (GSAM α = 0.1 with a"
-      " constant ρ; LookSAM k = 5 and α = 0.7, whose steps without the second"
-      " pass add a stored direction of norm α‖g‖ whatever ρ; VaSSO θ = 0.9;"
-      " F-SAM σ = 1 and λ = 0.6; ASAM η = 0.01) and share SGD's weight decay:"
+      " variants use their papers' defaults besides ρ"
+      f" ({'; '.join(notes)}) and share SGD's weight decay:"
       " every optimizer chooses among 4 configurations. The seconds per run"
       " were measured on a machine shared with other work."
   )
@@ -1019,11 +1103,74 @@ def command(s: Settings) -> str:
   return cmd + " --readme README.md"
 
 
+SAME_SETTINGS = ("epochs", "eval_every", "seeds", "noise", "quick", "momentum",
+                 "rho_grid", "grids")
+
+
+def merge_added(result: dict[str, Any], name: str, part: dict[str, Any],
+                keys: Sequence[str]) -> dict[str, Any]:
+  """Adds optimizers ``keys`` of a fresh ``part`` to the stored ``result``.
+
+  The fresh part's SGD must have trained on the same data (the label-noise
+  fingerprints agree); its tuned test accuracy, rerun, is recorded beside
+  the stored one (``sgd_rerun``) so that a drift shows.
+  """
+  stored = result["parts"][name]
+  for model_name, new in part["models"].items():
+    old = stored["models"][model_name]
+    for nk, entry in new["noise"].items():
+      old_sgd, new_sgd = old["noise"][nk]["sgd"], entry["sgd"]
+      if old_sgd["fingerprints"] != new_sgd["fingerprints"]:
+        raise SystemExit(
+            f"--add: the {name} {model_name} data ({nk}% noise) differ from"
+            " the stored run's; rerun the whole benchmark.")
+      old_sgd.setdefault("sgd_rerun", {})[",".join(keys)] = {
+          "test_acc": new_sgd["tuned"]["test_acc"],
+          "stored_test_acc": old_sgd["tuned"]["test_acc"]}
+      for key in keys:
+        old["noise"][nk][key] = entry[key]
+    for key in keys:
+      old["costs"][key] = new["costs"][key]
+  stored.setdefault("added_wall_s", {})[",".join(keys)] = part["wall_s"]
+  return result
+
+
+def _main_add(s: Settings, path: Path) -> dict[str, Any]:
+  """``--add``: the new optimizers and SGD, merged into the stored JSON."""
+  if not path.exists():
+    raise SystemExit(f"--add needs a stored {path}; run the benchmark first.")
+  result = json.loads(path.read_text())
+  described = s.describe()
+  for k in SAME_SETTINGS:
+    if result["settings"].get(k) != described[k]:
+      raise SystemExit(
+          f"--add: setting {k!r} is {described[k]!r} here but"
+          f" {result['settings'].get(k)!r} in {path}; pass the stored"
+          " run's options.")
+  keys = [k for k in s.added if k != "sgd"]
+  settings = result["settings"]
+  settings["optimizers"] += [k for k in keys if k not in settings["optimizers"]]
+  settings["rho_scale"].update({k: VARIANTS[k].rho_scale for k in keys})
+  for part in tqdm(s.parts, desc="parts", disable=not s.progress):
+    if part not in result["parts"]:
+      raise SystemExit(f"--add: {path} holds no {part!r} part to add to.")
+    merge_added(result, part, run_dataset(part, s, sgd_2x=False), keys)
+    path.write_text(json.dumps(result, indent=1))
+  flag = " --quick" if s.quick else ""
+  result["command"] += (f"; python benchmarks/generalization.py{flag} --add"
+                        f" {' '.join(keys)} --readme README.md")
+  path.write_text(json.dumps(result, indent=1))
+  return result
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Runs the requested parts, writes JSON, plots and README; returns the JSON."""
   s = parse_args(argv)
   s.out.mkdir(parents=True, exist_ok=True)
   path = s.out / JSON_NAME
+  if s.added:
+    result = _main_add(s, path)
+    return _report(s, path, result)
   result: dict[str, Any] = {}
   if path.exists() and set(s.parts) != set(PARTS):
     result = json.loads(path.read_text())
@@ -1043,6 +1190,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              else run_dataset(part, s))
     result["wall_s"][part] = time.perf_counter() - t0
     path.write_text(json.dumps(result, indent=1))
+  return _report(s, path, result)
+
+
+def _report(s: Settings, path: Path, result: dict[str, Any]) -> dict[str, Any]:
+  """Plots and the README region from ``result``."""
   if not result["parts"]:
     raise SystemExit(f"no results in {path}; run a part first.")
   if _settings_order(result):

@@ -102,10 +102,46 @@ def test_optimizers_share_the_base_and_msam_is_evaluated_unperturbed():
   loss_fn = lambda p: jnp.sum(p["w"] ** 2)
   want = gen.make_optimizer("sgd").make(h, 10)
   want = want.update(grads, want.init(params), params)[0]
-  for key in gen.VARIANTS:  # rho = 0: every variant is the base optimizer
+  for key, v in gen.VARIANTS.items():  # rho = 0: the base optimizer
+    if not v.is_base_at_rho_zero:
+      continue
     tx = gen.make_optimizer(key).make(h, 10)
     got = tx.update(grads, tx.init(params), params, loss_fn=loss_fn)[0]
     np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6, err_msg=key)
+
+
+def test_lookbehind_steps_the_shared_base_k_times_over_k_times_the_schedule():
+  # At rho = 0 every inner gradient is the one at w: the fast weights take k
+  # steps of the shared base (its cosine spread over k x 10 steps), and the
+  # slow weights move alpha = 0.5 of the way.
+  params = {"w": jnp.array([1.0, -2.0, 0.5])}
+  loss_fn = lambda p: jnp.sum(p["w"] ** 4)
+  h = {"lr": 0.1, "wd": 0.01, "rho": 0.0}
+  g = jax.grad(loss_fn)(params)
+  base = gen.sgd_base(h, gen.LOOKBEHIND_K * 10)
+  state, fast = base.init(params), params
+  for _ in range(gen.LOOKBEHIND_K):
+    u, state = base.update(g, state, fast)
+    fast = optax.apply_updates(fast, u)
+  want = 0.5 * (fast["w"] - params["w"])
+  tx = gen.make_optimizer("lookbehind").make(h, 10)
+  got = tx.update(g, tx.init(params), params, loss_fn=loss_fn)[0]
+  np.testing.assert_allclose(got["w"], want, rtol=1e-6)
+
+
+def test_bsam_models_the_training_set_and_its_weight_decay():
+  # bSAM's prior pull delta = prior_precision / N is the grid's weight decay.
+  params = {"w": jnp.array([1.0, -2.0, 0.5])}
+  h = {"lr": 0.1, "wd": 0.01, "rho": 0.0}
+  n = 400
+  tx = gen.make_optimizer("bsam", num_data=n).make(h, 10)
+  state = tx.init(params)
+  assert float(state.num_data) == n
+  # A zero loss: the momentum gets delta m alone, the step -lr (1 - b1) delta m / s.
+  zero = lambda p: 0.0 * jnp.sum(p["w"])
+  got = tx.update(jax.tree.map(jnp.zeros_like, params), state, params,
+                  loss_fn=zero)[0]
+  np.testing.assert_allclose(got["w"], -0.1 * 0.1 * 0.01 * params["w"], rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +237,30 @@ def test_readme_rewrite_touches_only_the_marked_region(quick, tmp_path):
   bad.write_text("no markers\n")
   with pytest.raises(ValueError, match="generalization"):
     gen.write_readme(bad, json.loads((out / gen.JSON_NAME).read_text()))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_add_merges_new_optimizers_and_keeps_the_stored_ones(quick, tmp_path):
+  out, _ = quick
+  path = tmp_path / gen.JSON_NAME
+  path.write_text((out / gen.JSON_NAME).read_text())
+  before = json.loads(path.read_text())
+  with pytest.raises(SystemExit, match="epochs"):  # other settings: refused
+    gen.main(["--add", "gcsam", "--part", "mnist1d", "--out", str(tmp_path),
+              "--no-progress"])
+  after = gen.main(["--quick", "--add", "gcsam", "--part", "mnist1d",
+                    "--out", str(tmp_path), "--no-progress"])
+  assert after == json.loads(path.read_text())
+  assert after["settings"]["optimizers"] == [*before["settings"]["optimizers"], "gcsam"]
+  assert after["parts"]["stability"] == before["parts"]["stability"]
+  for name, model_name, nk, entry in _settings(after):
+    old = before["parts"][name]["models"][model_name]["noise"][nk]
+    for key in old:  # the stored optimizers are untouched, SGD's rerun recorded
+      stored = {k: v for k, v in entry[key].items() if k != "sgd_rerun"}
+      assert stored == old[key], key
+    rerun = entry["sgd"]["sgd_rerun"]["gcsam"]
+    assert rerun["test_acc"] == rerun["stored_test_acc"]  # deterministic
+    assert entry["gcsam"]["tuned"]["vs_sgd"]["n"] == len(before["settings"]["seeds"])
+  costs = after["parts"]["mnist1d"]["models"]["MLP"]["costs"]
+  assert 1.9 < costs["gcsam"]["flops_ratio"] < 2.2
+  assert "| GCSAM |" in gen.readme_region(after)
