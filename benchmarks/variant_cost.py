@@ -53,6 +53,10 @@ def _variants() -> list[dict[str, Any]]:
       dict(name="asam", make=lambda r: s.asam(r)),
       dict(name="usam", make=lambda r: s.usam(r)),
       dict(name="gsam", make=lambda r: s.gsam(r, alpha=0.1)),
+      dict(name="gcsam", make=lambda r: s.gcsam(r)),
+      dict(name="wsam", make=lambda r: s.wsam(r)),
+      dict(name="gam", make=lambda r: s.gam(r)),
+      dict(name="sampa", make=lambda r: s.sampa(0.1, r)),
       dict(name="looksam (k=5)", make=lambda r: s.looksam(r, k=5), amortize=every(5)),
       dict(name="friendly_sam", make=lambda r: s.friendly_sam(r)),
       dict(name="vasso", make=lambda r: s.vasso(r)),
@@ -66,7 +70,13 @@ def _variants() -> list[dict[str, Any]]:
       dict(name="esam", make=lambda r: s.esam(r), per_example=True),
       dict(name="ae_sam", make=lambda r: s.ae_sam(r, total_steps=1000),
            amortize={"kind": "adaptive"}),
-      dict(name="msam", make=None),
+      dict(name="msam", make=None, full=lambda base: s.msam(base, rho=3.0)),
+      dict(name="wsam_decoupled", make=None,
+           full=lambda base: s.wsam_decoupled(base, 0.1, rho=0.05)),
+      dict(name="lookbehind_sam (k=2)", make=None,
+           full=lambda base: s.lookbehind_sam(base, rho=0.05, k=2)),
+      dict(name="bsam (replaces the base)", make=None,
+           full=lambda base: s.bsam(0.1, rho=0.01, num_data=1000)),
       dict(name="optax.contrib.sam (opaque)", make=None),
   ]
 
@@ -109,8 +119,8 @@ def run(out: Path) -> dict[str, Any]:
   f0, m0 = _costs(_step(tx0, model, x, y), params, tx0.init(params))
   rows = []
   for v in _variants():
-    if v["name"] == "msam":
-      tx = sam_optax.msam(base(), rho=3.0)
+    if v.get("full") is not None:  # wraps the base optimizer, or replaces it
+      tx = v["full"](base())
       f, m = _costs(_step(tx, model, x, y), params, tx.init(params))
     elif v["name"].startswith("optax.contrib"):
       tx = optax.contrib.sam(base(), optax.chain(optax.contrib.normalize(), optax.sgd(0.05)),

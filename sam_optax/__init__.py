@@ -34,6 +34,7 @@ from sam_optax._transforms.dgsam import dgsam
 from sam_optax._transforms.esam import esam
 from sam_optax._transforms.fisher_sam import fisher_sam
 from sam_optax._transforms.friendly_sam import FriendlySAMState, friendly_sam
+from sam_optax._transforms.gam import gam
 from sam_optax._transforms.gcsam import gcsam
 from sam_optax._transforms.gsam import gsam, gsam_rho_schedule
 from sam_optax._transforms.lookbehind_sam import LookbehindState, lookbehind_sam
@@ -49,6 +50,7 @@ from sam_optax._transforms.rwp import RandomKeyState, rwp
 from sam_optax._transforms.sam import sam
 from sam_optax._transforms.sam_on import normalization_mask, sam_on
 from sam_optax._transforms.samson import samson
+from sam_optax._transforms.sampa import SAMPaState, sampa
 from sam_optax._transforms.usam import usam
 from sam_optax._transforms.vasso import VaSSOState, vasso
 from sam_optax._transforms.wsam import WSAMDecoupledState, wsam, wsam_decoupled
@@ -91,6 +93,7 @@ __all__ = (
     "fisher_sam",
     "friendly_sam",
     "fsam4plm_exempt",
+    "gam",
     "gcsam",
     "gsam",
     "get_rho",
@@ -108,6 +111,8 @@ __all__ = (
     "sam",
     "sam_on",
     "samson",
+    "sampa",
+    "SAMPaState",
     "sam_stats",
     "set_rho",
     "sharpness",

@@ -39,7 +39,13 @@ class Case:
   transform that takes every gradient from its closure and ignores the one
   handed to ``update`` (the non-finite clean-gradient checks do not apply);
   ``controlled_rho=False`` one that rejects ``rho="auto"`` and the radius
-  controllers.
+  controllers. ``rho_zero_kwargs`` are keyword arguments added to ``rho=0``
+  in the rho=0 tests where ``rho=0`` alone is not the base optimizer (SAMPa
+  mixes in a gradient at another point unless ``lam=0``).
+  ``first_step_at_params=True`` marks a transform whose first step evaluates
+  its closure at ``params`` itself (SAMPa: no stored ascent gradient yet), so
+  the non-finite checks that poison points away from ``params`` start after
+  one healthy step.
   """
 
   name: str
@@ -53,13 +59,17 @@ class Case:
   rho_zero_rtol: float = 0.0
   uses_clean_gradient: bool = True
   controlled_rho: bool = True
+  rho_zero_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  first_step_at_params: bool = False
 
   def make(self, **overrides: Any) -> optax.GradientTransformationExtraArgs:
     return self.factory(**{**self.kwargs, **overrides})
 
-  def with_rho_schedule(self, rho: float) -> optax.GradientTransformationExtraArgs:
+  def with_rho_schedule(
+      self, rho: float, **overrides: Any
+  ) -> optax.GradientTransformationExtraArgs:
     """The same transform with ``rho`` given as a (constant) schedule."""
-    return self.make(rho=lambda count: rho + 0.0 * count)
+    return self.make(rho=lambda count: rho + 0.0 * count, **overrides)
 
 
 def _rwp_with_rho(rho=0.01, alpha=0.5, key=0):
@@ -164,5 +174,20 @@ CASES = (
         rho_zero_rtol=1e-6,
         uses_clean_gradient=False,
         controlled_rho=False,
+    ),
+    Case(  # three points after the clean gradient; u averages two gradients
+        "gam",
+        sam_optax.gam,
+        {"rho": 0.2, "rho_prime_ratio": 0.25, "beta0": 0.3, "beta1": 0.7, "gamma": 0.3},
+        rho_zero_rtol=1e-6,
+        controlled_rho=False,
+    ),
+    Case(  # the pass on the current batch (no previous_loss_fn); rho=0, lam=0 is the base
+        "sampa",
+        sam_optax.sampa,
+        {"learning_rate": 0.05, "rho": 0.1, "lam": 0.2},
+        controlled_rho=False,
+        rho_zero_kwargs={"lam": 0.0},
+        first_step_at_params=True,
     ),
 )

@@ -456,6 +456,51 @@ def dgsam(num_domains: int, eps: float = 1e-12):
   return make
 
 
+def gam(ratio: float, beta0: float, beta1: float, gamma: float, eps: float = 1e-12):
+  """Zhang et al. 2023 (xxgege/GAM ``GAM.step``): g1 at w + ρ'ĝ, g2 at
+  w + ρ d̂ (d = g1 − g), g3 at w + ρ d̂ + ρ'ĝ2; u = β1 g1 + (1 − β1) g3,
+  m = g + |1 − β0| g2, output u − γ (m − cos·‖m‖·u/(‖u‖ + eps))."""
+
+  def make(params):
+    def step(t, w, g, grad, rho, seen):
+      rho_p = ratio * rho
+      p1 = w + rho_p * unit(g, eps)
+      g1 = grad(p1)
+      p2 = w + rho * unit(g1 - g, eps)
+      g2 = grad(p2)
+      p3 = p2 + rho_p * unit(g2, eps)
+      g3 = grad(p3)
+      u = beta1 * g1 + (1 - beta1) * g3
+      m = g + abs(1 - beta0) * g2
+      nu, nm = np.linalg.norm(u), np.linalg.norm(m)
+      cosine = (m @ u) / (nu * nm + eps)
+      return [p1, p2, p3], u - gamma * (m - cosine * nm * u / (nu + eps))
+
+    return step
+
+  return make
+
+
+def sampa(lr: float, lam: float, eps: float = 1e-12):
+  """Xie et al. 2024 (LIONS-EPFL/SAMPa ``train.py``, one batch): x̃ = w + ρ ĥ
+  with h = ∇f(y) of the previous step (0 at step 0), y = w − lr h,
+  u = (1 − λ) ∇f(x̃) + λ ∇f(y); h ← ∇f(y)."""
+
+  def make(params):
+    h = np.zeros(flat(params).size)
+
+    def step(t, w, g, grad, rho, seen):
+      nonlocal h
+      p1 = w + rho * unit(h, eps)
+      y = w - lr * h
+      h = grad(y)
+      return [p1, y], (1 - lam) * grad(p1) + lam * h
+
+    return step
+
+  return make
+
+
 def _alternate_entries(params) -> Vector:
   """``masked_sam``'s mask in the contract: even entries of every leaf."""
   return np.concatenate(
@@ -497,6 +542,8 @@ ORACLES: dict[str, Callable[[Any], Callable[..., Any]]] = {
     "sam_on": masked(_small_leaves, "masked"),
     "fisher_masked_sam": fisher_masked_sam(0.5, 2),
     "dgsam": dgsam(3),
+    "gam": gam(0.25, 0.3, 0.7, 0.3),
+    "sampa": sampa(0.05, 0.2),
 }
 """Keyed like ``tests.contract.CASES``; the hyperparameters are the cases'."""
 

@@ -196,12 +196,15 @@ def test_ordinary_steps_count_nothing_nonfinite(case):
 @pytest.mark.parametrize("how", ["float", "schedule", "inject"])
 def test_rho_zero_is_the_base_optimizer_exactly(case, how):
   params, loss_fn = problems.mlp_problem(seed=21)
+  extra = case.rho_zero_kwargs
   if how == "float":
-    sam_tx = case.make(rho=0.0)
+    sam_tx = case.make(rho=0.0, **extra)
   elif how == "schedule":
-    sam_tx = case.with_rho_schedule(0.0)
+    sam_tx = case.with_rho_schedule(0.0, **extra)
   else:
-    sam_tx = optax.inject_hyperparams(case.factory)(**{**case.kwargs, "rho": 0.0})
+    sam_tx = optax.inject_hyperparams(case.factory)(
+        **{**case.kwargs, "rho": 0.0, **extra}
+    )
 
   def run(tx, steps=5):
     step = jax.jit(_step_fn(case, tx, loss_fn))

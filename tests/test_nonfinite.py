@@ -54,12 +54,14 @@ _REBUILT = {
         0.5, lambda p: jax.tree.map(lambda x: x.ndim < 2, p), **kw
     ),
 }
+def _maker(c):
+  make = _REBUILT.get(c.name, lambda c=c, **kw: c.make(**kw))
+  make.first_step_at_params = c.first_step_at_params
+  return make
+
+
 PROPAGATING = [
-    pytest.param(
-        _REBUILT.get(c.name, lambda c=c, **kw: c.make(**kw)),
-        id=c.name,
-        marks=[],
-    )
+    pytest.param(_maker(c), id=c.name, marks=[])
     for c in CASES
     if _takes_nonfinite(c) or c.name in _REBUILT
 ]
@@ -230,7 +232,8 @@ def test_nonfinite_perturbed_gradient_is_skipped_or_falls_back(make, policy):
   assert float(healthy.inner_state[0].stats.pass_taken) == 1.0
   assert int(healthy.inner_state[0].nonfinite_count) == 0
 
-  updates, state = step(params, tx.init(params), True)
+  start = healthy if make.first_step_at_params else tx.init(params)
+  updates, state = step(params, start, True)
   sam_state = state.inner_state[0]
   if policy == "fallback":  # an SGD step on the clean gradient
     want = jax.tree.map(lambda g: -0.1 * np.asarray(g, np.float64), grads)
@@ -276,7 +279,10 @@ def test_propagate_lets_apply_if_finite_after_sam_skip_the_step(make):
       optax.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=5),
   )
   step = _poisonable_step(tx, loss_fn)
-  updates, state = step(params, tx.init(params), True)
+  start = tx.init(params)
+  if make.first_step_at_params:
+    start = step(params, start, False)[1]
+  updates, state = step(params, start, True)
   chex.assert_trees_all_equal(optax.apply_updates(params, updates), params)
   sam_state, guard = state
   assert int(guard.notfinite_count) == 1 and int(guard.total_notfinite) == 1

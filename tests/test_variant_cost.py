@@ -19,5 +19,12 @@ def test_variant_cost_floors_and_readme_table(tmp_path):
   assert 2.9 <= rows["sam, 2 ascent steps"]["flops_ratio"] <= 3.05
   assert rows["looksam (k=5)"]["flops_ratio_amortized"] <= 1.3
   assert rows["msam"]["flops_ratio"] <= 1.1
+  # The full optimizers: two passes (WSAM decoupled, bSAM: its noise draws
+  # add elementwise work), and k + 1 for Lookbehind-SAM.
+  assert 1.99 <= rows["wsam_decoupled"]["flops_ratio"] <= 2.1
+  assert 2.95 <= rows["lookbehind_sam (k=2)"]["flops_ratio"] <= 3.15
+  assert 1.99 <= rows["bsam (replaces the base)"]["flops_ratio"] <= 2.7
+  for name in ("gcsam", "wsam"):
+    assert 1.99 <= rows[name]["flops_ratio"] <= 2.1, name
   text = readme.read_text()
   assert "stale" not in text and "| sam | " in text and text.endswith("end\n")

@@ -84,6 +84,26 @@ class Rule(NamedTuple):
       boolean scalar ``take``; steps where it is false skip the pass.
     fallback: ``(g, params, variant_state) -> (out, variant_state)``, the
       output on steps the gate skips. Default: ``g``.
+    points: further points evaluated in order after the perturbed pass (GAM
+      takes three gradients beyond the clean one), each
+      ``(g, grads, directions, params, variant_state) -> d_k``: ``grads``
+      holds the gradients at the earlier perturbed points (``g_p`` first),
+      ``directions`` their unit-radius offsets (``direction``'s ``d``
+      first), and the next point is ``w + rho * d_k``. With points,
+      ``combine`` is required and receives as ``g_p`` the tuple of the
+      gradients at every perturbed point, in order; one ascent step only.
+    companion: ``None`` or ``(params, variant_state, count) -> point``, a
+      second point (absolute, not scaled by ``rho``) whose gradient does not
+      depend on the perturbed pass (SAMPa's extrapolated ``y``). Its
+      gradient comes from ``loss_fn``/``grad_fn``; ``combine`` is required
+      and receives ``(g_p, g_c)`` as ``g_p``. Not with ``points``; one
+      ascent step only.
+    parallel: with a companion, evaluate both gradients in one ``jax.vmap``
+      over the two points (both must then come from the same closure).
+    pass_closure: ``None`` or the names ``(loss_name, grad_name)`` of two
+      optional keywords of ``update``; a closure given under one of them
+      evaluates the perturbed pass instead of ``loss_fn``/``grad_fn``
+      (SAMPa's previous batch).
   """
 
   init: Callable[[PyTree], PyTree]
@@ -92,6 +112,10 @@ class Rule(NamedTuple):
   combine: Optional[Callable[..., tuple[PyTree, PyTree]]] = None
   gate: Optional[Callable[..., tuple[jax.Array, PyTree]]] = None
   fallback: Callable[..., tuple[PyTree, PyTree]] = _keep_clean
+  points: tuple[Callable[..., PyTree], ...] = ()
+  companion: Optional[Callable[..., PyTree]] = None
+  parallel: bool = False
+  pass_closure: Optional[tuple[str, str]] = None
 
 
 def _static_number(value: Any) -> Optional[float]:
@@ -115,6 +139,23 @@ def check_common(
     raise ValueError(
         f"`{caller}`: `renormalize` must be True or False; got"
         f" renormalize={renormalize!r}."
+    )
+
+
+def _check_points(caller: str, rule: Rule, num_ascent_steps: Any) -> None:
+  """A rule with further points needs ``combine`` and one ascent step."""
+  if rule.combine is None:
+    raise ValueError(
+        f"`{caller}`: a rule with further `points` needs a `combine` (the"
+        " gradients at its points reach it as a tuple)."
+    )
+  if isinstance(num_ascent_steps, jax.core.Tracer) or int(
+      np.asarray(num_ascent_steps)
+  ) != 1:
+    raise ValueError(
+        f"`{caller}`: `num_ascent_steps` must be 1 (or None) for a variant"
+        " that evaluates further points after the perturbed pass; got"
+        f" num_ascent_steps={num_ascent_steps!r}."
     )
 
 
@@ -143,6 +184,12 @@ def build(
   check_common(caller, rho, eps, num_ascent_steps, renormalize)
   validation.check_option(caller, "nonfinite", nonfinite, NONFINITE_POLICIES)
   collectives.check_options(caller, axis_name, sync_perturbation, group_size)
+  if rule.points:
+    _check_points(caller, rule, num_ascent_steps)
+  if rule.companion is not None:
+    if rule.points:
+      raise ValueError(f"`{caller}`: a rule takes `points` or a `companion`, not both.")
+    _check_points(caller, rule, num_ascent_steps)
   cfg = stages.Config(
       caller=caller,
       rule=rule,
@@ -182,11 +229,14 @@ def build(
       sam_pass: Optional[bool] = None,
       **extra_args: Any,
   ) -> tuple[PyTree, SAMState]:
-    del extra_args
     checks.reject_wrappers(cfg.caller)
     oracle, local = stages.gradient_closure(
         cfg, updates, params, loss_fn, grad_fn, loss_scale
     )
+    pass_oracle = stages.pass_oracle(
+        cfg, oracle, updates, params, loss_scale, extra_args
+    )
+    del extra_args
     count = state.count
     if checks.active():  # opt-in: compiled only while the checks are on
       checks.compare(cfg.caller, oracle, local, params, count)
@@ -199,7 +249,8 @@ def build(
 
     def perturbed(variant):
       return stages.perturbed_step(
-          cfg, oracle, clean, params, direction, prepared, variant, rho_t, count
+          cfg, pass_oracle, clean, params, direction, prepared, variant, rho_t,
+          count, companion_oracle=oracle,
       )
 
     def skipped(variant):
@@ -207,7 +258,7 @@ def build(
 
     if take is False:  # the caller skips the pass at this step
       outcome = skipped(variant)
-    elif cfg.static_rho == 0.0:  # no pass compiled
+    elif cfg.static_rho == 0.0 and rule.companion is None:  # no pass compiled
       outcome = stages.no_pass(clean, variant)
     elif take is None or take is True:  # the pass runs, unconditionally
       outcome = perturbed(variant)

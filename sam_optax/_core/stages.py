@@ -13,7 +13,8 @@ transform's static :class:`Config` and what the earlier stages produced:
    (``rho`` is the Python number 0), by the caller's static ``sam_pass``,
    or by the rule's policy (:func:`switch` between two branches).
 6. :func:`perturbed_step`: the ascent (:func:`ascent_offset`), the
-   perturbed pass, the rule's ``combine``, the optional renormalization and
+   perturbed pass, the rule's further points if any
+   (:func:`further_points`), the rule's ``combine``, the optional renormalization and
    the non-finite guard (:func:`guard`); or :func:`skipped_step`, the
    rule's fallback; or :func:`no_pass`.
 7. :func:`finish`: a non-finite clean gradient handed on as NaN, the
@@ -191,15 +192,31 @@ def perturbed_step(
     variant: PyTree,
     rho_t: jax.Array,
     count: jax.Array,
+    companion_oracle: Optional[Oracle] = None,
 ) -> Outcome:
-  """The step with the perturbed pass: ascend, evaluate, combine, guard."""
+  """The step with the perturbed pass: ascend, evaluate, combine, guard.
+
+  ``oracle`` evaluates the pass (see :func:`pass_oracle`);
+  ``companion_oracle`` the rule's companion point, if it has one.
+  """
   offset = ascent_offset(
       cfg, oracle, clean, params, direction, prepared, rho_t, count
   )
-  g_adv, loss = oracle(tree.add_scaled(params, offset, jnp.ones((), rho_t.dtype)))
+  point = tree.add_scaled(params, offset, jnp.ones((), rho_t.dtype))
+  g_c = None
+  if cfg.rule.companion is None:
+    g_adv, loss = oracle(point)
+  else:  # a second gradient, independent of the pass (SAMPa's y)
+    g_adv, loss, g_c = companion_pass(
+        cfg, oracle, companion_oracle, point, params, variant, count
+    )
   change = jnp.zeros((), jnp.float32)
   if cfg.controller is not None:
     change = gradient_change(cfg, clean, g_adv)
+  if cfg.rule.points:  # the rule's further points; combine gets every gradient
+    g_adv = further_points(cfg, oracle, clean, params, direction, g_adv, variant, rho_t)
+  if g_c is not None:
+    g_adv = (g_adv, g_c)
   if cfg.rule.combine is None:
     out, new_variant = g_adv, variant
   else:
@@ -227,6 +244,108 @@ def gradient_change(cfg: Config, clean: Clean, g_adv: PyTree) -> jax.Array:
   )
   change = tree.global_norm(diff) / jnp.maximum(local_norm, cfg.eps)
   return change.astype(jnp.float32)
+
+
+def pass_oracle(
+    cfg: Config,
+    oracle: Oracle,
+    updates: PyTree,
+    params: Optional[PyTree],
+    loss_scale: Optional[Any],
+    extra_args: dict[str, Any],
+) -> Oracle:
+  """The perturbed pass's oracle: ``oracle`` unless the rule names a
+  ``pass_closure`` and the caller gave a closure under one of its names."""
+  if cfg.rule.pass_closure is None:
+    return oracle
+  loss_name, grad_name = cfg.rule.pass_closure
+  loss_fn, grad_fn = extra_args.get(loss_name), extra_args.get(grad_name)
+  if loss_fn is None and grad_fn is None:
+    return oracle
+  if loss_fn is not None and grad_fn is not None:
+    raise ValueError(
+        f"`{cfg.caller}`: pass either `{loss_name}` or `{grad_name}` to"
+        " `update`, not both."
+    )
+  for name, fn in ((loss_name, loss_fn), (grad_name, grad_fn)):
+    if fn is not None and not callable(fn):
+      raise TypeError(
+          f"`{cfg.caller}`: `{name}` must be callable, got {type(fn).__name__}."
+      )
+  other, _ = gradient_closure(cfg, updates, params, loss_fn, grad_fn, loss_scale)
+  return other
+
+
+def companion_pass(
+    cfg: Config,
+    oracle: Oracle,
+    companion_oracle: Oracle,
+    point: PyTree,
+    params: PyTree,
+    variant: PyTree,
+    count: jax.Array,
+) -> tuple[PyTree, jax.Array, PyTree]:
+  """The gradient at the perturbed ``point`` (by ``oracle``), its loss, and
+  the gradient at the rule's companion point (by ``companion_oracle``).
+
+  The companion point does not depend on the pass, so with
+  ``Rule.parallel`` both gradients come from one ``jax.vmap`` over the two
+  points, which needs one closure for both.
+  """
+  other = tree.cast_like(cfg.rule.companion(params, variant, count), params)
+  if not cfg.rule.parallel:
+    g_adv, loss = oracle(point)
+    g_c, _ = companion_oracle(other)
+    return g_adv, loss, g_c
+  if oracle is not companion_oracle:
+    raise ValueError(
+        f"`{cfg.caller}`: the parallel form evaluates both gradients in one"
+        " `jax.vmap` over the two points, with one closure; it cannot take"
+        " the perturbed pass on another closure. Drop that closure, or build"
+        " the transform with `parallel=False`."
+    )
+  both = jax.tree.map(lambda a, b: jnp.stack([a, b]), point, other)
+  grads, losses = jax.vmap(oracle)(both)
+  g_adv = jax.tree.map(lambda x: x[0], grads)
+  g_c = jax.tree.map(lambda x: x[1], grads)
+  return g_adv, losses[0], g_c
+
+
+def further_points(
+    cfg: Config,
+    oracle: Oracle,
+    clean: Clean,
+    params: PyTree,
+    direction: PyTree,
+    g_adv: PyTree,
+    variant: PyTree,
+    rho_t: jax.Array,
+) -> tuple[PyTree, ...]:
+  """The gradients at the perturbed point and at each of ``Rule.points``.
+
+  Each point's unit-radius offset comes from the gradients before it (the
+  perturbation's mean over a group or the axis, as for the ascent steps);
+  the tuple returned holds the local gradients. An offset that is not
+  finite (an earlier gradient was not) is replaced by zero, so the closure
+  never sees a non-finite point; the guard then handles the output.
+  """
+  def finite_or_zero(d, ok):
+    return jax.tree.map(lambda x: jnp.where(ok, x, jnp.zeros_like(x)), d)
+
+  local, seen = (g_adv,), ()
+  offsets = (finite_or_zero(direction, clean.finite),)
+  step = rho_t.astype(clean.norm.dtype)
+  one = jnp.ones((), step.dtype)
+  for point in cfg.rule.points:
+    seen += (cfg.axis.perturbation_gradient(local[-1]),)
+    d = point(clean.g, seen, offsets, params, variant)
+    d = finite_or_zero(d, jnp.isfinite(tree.global_norm(d)))
+    g_k, _ = oracle(
+        tree.add_scaled(params, jax.tree.map(lambda x: step * x, d), one)
+    )
+    local += (g_k,)
+    offsets += (d,)
+  return local
 
 
 def ascent_offset(
@@ -367,7 +486,8 @@ def finish(
   radius controller (if any) adapted and the statistics recorded.
   """
   out, loss, variant, took, bad, out_norm, change = outcome
-  if cfg.static_rho != 0.0:  # with rho = 0 the clean gradient is handed on
+  if cfg.static_rho != 0.0 or cfg.rule.companion is not None:
+    # with rho = 0 (no companion) the clean gradient is handed on
     out = jax.tree.map(lambda o: jnp.where(clean.finite, o, jnp.nan), out)
     out_norm = jnp.where(clean.finite, out_norm, jnp.nan)
   zero = jnp.zeros((), jnp.float32)

@@ -62,6 +62,13 @@ def rule(
     out, sub = direction.fallback(g, params, state.direction)
     return out, state._replace(direction=sub)
 
+  points = tuple(
+      lambda g, grads, ds, params, state, point=point: point(
+          g, grads, ds, params, state.direction
+      )
+      for point in direction.points
+  )
+
   gate = None
   if policy is not None:
 
@@ -76,6 +83,7 @@ def rule(
       combine=combine,
       gate=gate,
       fallback=fallback,
+      points=points,
   )
 
 

@@ -19,6 +19,7 @@ __all__ = (
     "Direction",
     "LookSAMState",
     "WSAMState",
+    "gam",
     "gsam",
     "looksam",
     "mix",
@@ -37,11 +38,17 @@ class Direction(NamedTuple):
     combine: ``(g, g_p, params, state) -> (out, state)``, or ``None`` for
       SAM's output ``g_p`` (the pipeline then frees ``g`` before the pass).
     fallback: ``(g, params, state) -> (out, state)`` on skipped steps.
+    points: further points evaluated after the perturbed pass, each
+      ``(g, grads, directions, params, state) -> d_k`` (see
+      :class:`sam_optax._core.builder.Rule`); with points, ``combine``
+      receives the tuple of the gradients at every perturbed point as
+      ``g_p``. Default: none.
   """
 
   init: Callable[[PyTree], PyTree]
   combine: Optional[Callable[..., tuple[PyTree, PyTree]]]
   fallback: Callable[..., tuple[PyTree, PyTree]]
+  points: tuple[Callable[..., PyTree], ...] = ()
 
 
 def _clean(g, params, state):
@@ -189,7 +196,13 @@ def weighted(
     sharp = jax.tree.map(diff, clean, adv)
     if decoupled:
       kept = jax.tree.map(lambda x, old: x.astype(old.dtype), sharp, state.sharpness)
-      return clean, WSAMState(sharpness=kept)
+      # g is handed on, but not where the sharpness is not finite: the
+      # pipeline's guard must see the non-finite pass (and keep the state).
+      out = jax.tree.map(
+          lambda c, d: jnp.where(jnp.isfinite(d), c, jnp.asarray(jnp.nan, c.dtype)),
+          clean, sharp,
+      )
+      return out, WSAMState(sharpness=kept)
     out = jax.tree.map(
         lambda c, d: c.astype(d.dtype) + jnp.asarray(alpha, d.dtype) * d,
         clean, sharp,
@@ -203,3 +216,77 @@ def weighted(
     return g, state
 
   return Direction(init, combine, fallback)
+
+
+def gam(
+    rho_prime_ratio: float = 0.1,
+    beta0: float = 0.5,
+    beta1: float = 0.6,
+    gamma: float = 0.03,
+    *,
+    eps: float = 1e-12,
+) -> Direction:
+  r"""GAM's two further points and its output (Zhang et al., CVPR 2023).
+
+  With :math:`g_0 = g` and :math:`g_1 = g_p` (taken at
+  :math:`w + \rho' \hat g_0`, :math:`\rho' = ` ``rho_prime_ratio`` :math:`\rho`,
+  the perturbation's part), the points are :math:`w + \rho \hat d` with
+  :math:`d = g_1 - g_0`, then :math:`w + \rho \hat d + \rho' \hat g_2`, where
+  :math:`\hat v = v / (\|v\| + \mathrm{eps})`; with :math:`g_2, g_3` their
+  gradients, :math:`u = \beta_1 g_1 + (1-\beta_1) g_3`,
+  :math:`m = g_0 + |1-\beta_0|\, g_2` and the output is
+  :math:`u - \gamma\,(m - c\,\|m\|\, u / (\|u\| + \mathrm{eps}))` with
+  :math:`c = m\cdot u / (\|u\|\|m\| + \mathrm{eps})`. Skipped steps return ``g``.
+  """
+  for name, value, high in (
+      ("rho_prime_ratio", rho_prime_ratio, float("inf")),
+      ("beta0", beta0, 1.0),
+      ("beta1", beta1, 1.0),
+      ("gamma", gamma, float("inf")),
+  ):
+    validation.check_scalar("gam", name, value, low=0.0, high=high)
+  validation.check_scalar("gam", "eps", eps, low=0.0, low_inclusive=False)
+
+  def normalized(v):
+    return tree.scale_wide(v, 1.0 / (tree.global_norm(v) + eps))
+
+  def ascent_of_the_gradient_norm(g, grads, ds, params, state):
+    del ds, params, state  # w + ρ d/‖d‖, d = g1 − g0
+    diff = jax.tree.map(
+        lambda a, b: a.astype(tree.wide_dtype(a.dtype)) - b.astype(tree.wide_dtype(b.dtype)),
+        grads[0], g,
+    )
+    return normalized(diff)
+
+  def ascent_from_there(g, grads, ds, params, state):
+    del g, params, state  # w + ρ d/‖d‖ + ρ' g2/‖g2‖
+    step = normalized(grads[1])
+    ratio = jnp.asarray(rho_prime_ratio)
+    return jax.tree.map(
+        lambda o, s: o + ratio.astype(s.dtype) * s, ds[1], step
+    )
+
+  def combine(g, g_p, params, state):
+    del params
+    g0 = tree.widen(g)
+    g1, g2, g3 = (tree.widen(x) for x in g_p)
+    b0, b1, c = (jnp.asarray(x) for x in (beta0, beta1, gamma))
+    # u = β1 g1 + (1 − β1) g3, written so that g1 = g3 gives g3 exactly.
+    u = jax.tree.map(lambda a, b: b + b1.astype(b.dtype) * (a - b), g1, g3)
+    weight = jnp.abs(1 - b0)
+    m = jax.tree.map(lambda a, b: a + weight.astype(b.dtype) * b, g0, g2)
+    u_norm, m_norm = tree.global_norm(u), tree.global_norm(m)
+    cosine = tree.vdot(m, u) / (u_norm * m_norm + eps)
+    along = cosine * m_norm / (u_norm + eps)
+    out = jax.tree.map(
+        lambda ui, mi: ui - c.astype(ui.dtype) * (mi - along.astype(ui.dtype) * ui),
+        u, m,
+    )
+    return out, state
+
+  return Direction(
+      lambda params: optax.EmptyState(),
+      combine,
+      _clean,
+      points=(ascent_of_the_gradient_norm, ascent_from_there),
+  )

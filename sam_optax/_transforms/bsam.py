@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax._core import closure, tree, validation
+from sam_optax._core import checks, closure, full_guard, tree, validation
 from sam_optax._core.builder import ScalarOrSchedule
 from sam_optax._core.prng import PRNG, KeyLike, RandomKeyState
 from sam_optax._core.stats import SAMStats, first_node
@@ -37,6 +37,8 @@ class BSAMState(NamedTuple):
       gradient at the noisy point, ``perturbed_grad_norm`` that at the
       ascent point, ``perturbed_loss`` the loss there (0 with ``grad_fn``),
       ``rho`` the radius used, ``pass_taken`` 1.
+    nonfinite_count: number of steps (int32) with a non-finite gradient or
+      update (handled by the ``nonfinite`` policy).
   """
 
   count: jax.Array
@@ -45,6 +47,7 @@ class BSAMState(NamedTuple):
   num_data: jax.Array
   key: RandomKeyState
   stats: SAMStats
+  nonfinite_count: jax.Array = jnp.zeros((), jnp.int32)
 
 
 def _wrap(state_key: RandomKeyState, impl: Any) -> jax.Array:
@@ -171,6 +174,7 @@ def bsam(
     damping: float = 0.1,
     init_precision: float = 1.0,
     key: KeyLike = 0,
+    nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
   r"""bSAM, Bayesian SAM: SAM as a relaxation of Bayes, an Adam-like optimizer.
 
@@ -257,6 +261,11 @@ def bsam(
     damping: :math:`\ge 0`, added to the precision's target at every step.
     init_precision: :math:`s_0 > 0` (the authors' ``--custominit``, 1.0).
     key: a non-negative int seed or a JAX PRNG key for the noise.
+    nonfinite: what a step with a non-finite gradient (at the noisy or the
+      ascent point) or update does: ``"skip"`` (default) returns a zero
+      update and keeps the momentum and precision as they were (the key
+      moves on, so the next step draws fresh noise), ``"propagate"`` passes
+      it on; both count it in ``BSAMState.nonfinite_count``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -304,6 +313,7 @@ def bsam(
   validation.check_scalar(caller, "init_precision", init_precision, low=0.0,
                           low_inclusive=False)
   prng = PRNG.of(caller, key)
+  full_guard.check(caller, nonfinite)
 
   def init_fn(params: Any) -> BSAMState:
     closure.check_floating(caller, params, "`params`")
@@ -324,6 +334,7 @@ def bsam(
         num_data=jnp.asarray(num_data, jnp.float32),
         key=prng.init(),
         stats=SAMStats.zeros(),
+        nonfinite_count=jnp.zeros((), jnp.int32),
     )
 
   def update_fn(
@@ -336,6 +347,7 @@ def bsam(
       **extra_args: Any,
   ) -> tuple[Any, BSAMState]:
     del extra_args
+    checks.reject_wrappers(caller)
     oracle = closure.gradient_oracle(caller, params, loss_fn, grad_fn)
     closure.check_same_tree(caller, updates, params, "`updates`", "params")
     count = state.count
@@ -386,13 +398,19 @@ def bsam(
         pass_taken=1.0,
     )
     new_key = RandomKeyState(key=jax.random.key_data(step_keys[1]))
-    return tree.cast_like(out, params), BSAMState(
+    new_state = BSAMState(
         count=optax.safe_increment(count),
         momentum=v_new,
         precision=s_new,
         num_data=state.num_data,
         key=new_key,
         stats=stats,
+        nonfinite_count=state.nonfinite_count,
+    )
+    # The noise is fresh on the next step whatever this one gave.
+    return full_guard.apply(
+        nonfinite, full_guard.finite(g, g_adv, out),
+        tree.cast_like(out, params), new_state, state, moving=("count", "key"),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax._core import closure, tree, validation
+from sam_optax._core import checks, closure, full_guard, tree, validation
 from sam_optax._core.builder import ScalarOrSchedule
 from sam_optax._core.stats import SAMStats
 from sam_optax._parts import perturbations
@@ -28,12 +28,15 @@ class LookbehindState(NamedTuple):
     perturbation: the state of the ascent's perturbation part.
     stats: diagnostics of the last step (``perturbed_loss`` is the loss at
       the last ascent point, ``perturbed_grad_norm`` the norm of the update).
+    nonfinite_count: number of steps (int32) whose update was not finite
+      (handled by the ``nonfinite`` policy).
   """
 
   count: jax.Array
   base: optax.OptState
   perturbation: Any
   stats: SAMStats
+  nonfinite_count: jax.Array = jnp.zeros((), jnp.int32)
 
 
 def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -52,6 +55,7 @@ def lookbehind_sam(
     *,
     perturbation: Optional[Perturbation] = None,
     eps: float = 1e-12,
+    nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Lookbehind-SAM: k ascent steps, each followed by a descent, then an
   interpolation back toward the start (a full optimizer).
@@ -134,6 +138,11 @@ def lookbehind_sam(
       :func:`sam_optax.perturbations.l2`; ``perturbations.adaptive`` gives
       Lookbehind-ASAM).
     eps: added to the gradient norm of the default perturbation.
+    nonfinite: what a step whose update is not finite (a NaN or inf
+      gradient at any of the points) does: ``"skip"`` (default) returns a
+      zero update and keeps the state (the base optimizer's included) as it
+      was, ``"propagate"`` passes it on; both count it in
+      ``LookbehindState.nonfinite_count``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
@@ -167,6 +176,7 @@ def lookbehind_sam(
     )
   validation.check_scalar(caller, "rho", rho, low=0.0, allow_schedule=True)
   validation.check_int(caller, "k", k, low=1)
+  full_guard.check(caller, nonfinite)
   adaptive = isinstance(alpha, str)
   if adaptive:
     validation.check_option(caller, "alpha", alpha, ("adaptive",))
@@ -189,10 +199,12 @@ def lookbehind_sam(
         base=base.init(params),
         perturbation=perturbation.init(params),
         stats=SAMStats.zeros(),
+        nonfinite_count=jnp.zeros((), jnp.int32),
     )
 
   def update_fn(updates, state, params=None, *, loss_fn=None, grad_fn=None,
                 **extra_args):
+    checks.reject_wrappers(caller)
     oracle = closure.gradient_oracle(caller, params, loss_fn, grad_fn)
     closure.check_same_tree(
         caller, updates, params, "`updates` (the clean gradient)", "params"
@@ -231,11 +243,15 @@ def lookbehind_sam(
         rho=rho_t,
         pass_taken=1.0,
     )
-    return out, LookbehindState(
+    new_state = LookbehindState(
         count=optax.safe_increment(count),
         base=base_state,
         perturbation=kept_pert,
         stats=stats,
+        nonfinite_count=state.nonfinite_count,
+    )
+    return full_guard.apply(
+        nonfinite, full_guard.finite(out), out, new_state, state
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
