@@ -182,12 +182,14 @@ CASES = (
         rho_zero_rtol=1e-6,
         controlled_rho=False,
     ),
-    Case(  # the pass on the current batch (no previous_loss_fn); rho=0, lam=0 is the base
+    Case(  # the pass on the current batch (no previous_loss_fn); rho=0, lam=0
+           # is the base; the clean gradient is not read
         "sampa",
         sam_optax.sampa,
         {"learning_rate": 0.05, "rho": 0.1, "lam": 0.2},
         controlled_rho=False,
         rho_zero_kwargs={"lam": 0.0},
         first_step_at_params=True,
+        uses_clean_gradient=False,
     ),
 )

@@ -57,6 +57,7 @@ _REBUILT = {
 def _maker(c):
   make = _REBUILT.get(c.name, lambda c=c, **kw: c.make(**kw))
   make.first_step_at_params = c.first_step_at_params
+  make.uses_clean_gradient = c.uses_clean_gradient
   return make
 
 
@@ -223,6 +224,10 @@ def test_nonfinite_perturbed_gradient_is_skipped_or_falls_back(make, policy):
   params, loss_fn = problems.mlp_problem(seed=6)
   grads = jax.grad(loss_fn)(params)
   kwargs = {} if policy == "skip" else {"nonfinite": policy}  # skip: default
+  if policy == "fallback" and not make.uses_clean_gradient:
+    with pytest.raises(ValueError, match="'skip'"):  # nothing to fall back on
+      make(**kwargs)
+    return
   tx = optax.apply_if_finite(
       optax.chain(make(**kwargs), optax.sgd(0.1)), max_consecutive_errors=5
   )

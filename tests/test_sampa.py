@@ -212,6 +212,34 @@ def test_step_zero_has_no_ascent_and_hands_on_the_gradient():
   np.testing.assert_allclose(_flat(s.variant.gradient), _flat(g), rtol=1e-6, atol=1e-7)
 
 
+def test_clean_gradient_is_not_read_and_dead_code_under_jit():
+  xs, ys = _data()
+  params = jax.tree.map(jnp.asarray, _start())
+  loss = lambda q: _jax_loss(q, jnp.asarray(xs[0], jnp.float32), ys[0])  # noqa: E731
+  tx = optax.chain(sam_optax.sampa(0.1), optax.sgd(0.1, momentum=0.9))
+
+  def with_clean(p, s):
+    return tx.update(jax.grad(loss)(p), s, p, loss_fn=loss)
+
+  def garbage(p, s):  # any gradient of the right structure: the same step
+    return tx.update(jax.tree.map(lambda x: 7.0 * x + 1.0, p), s, p, loss_fn=loss)
+
+  state = tx.init(params)
+  for _ in range(3):
+    a, state_a = jax.jit(with_clean)(params, state)
+    b, state_b = jax.jit(garbage)(params, state)
+    np.testing.assert_array_equal(_flat(a), _flat(b))
+    params, state = optax.apply_updates(params, a), state_a
+  assert float(state_a[0].stats.grad_norm) == 0.0
+
+  def flops(f):
+    cost = jax.jit(f).lower(params, state).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return cost["flops"]
+
+  np.testing.assert_allclose(flops(with_clean), flops(garbage), rtol=1e-3)
+
+
 @pytest.mark.parametrize("previous", [False, True], ids=["current", "previous"])
 def test_parallel_equals_sequential(previous):
   hyper = AUTHORS

@@ -104,6 +104,11 @@ class Rule(NamedTuple):
       optional keywords of ``update``; a closure given under one of them
       evaluates the perturbed pass instead of ``loss_fn``/``grad_fn``
       (SAMPa's previous batch).
+    reads_clean: ``False`` for a rule that never reads the clean gradient
+      (SAMPa ascends along a stored one): its functions receive zeros in its
+      place, the statistics record a ``grad_norm`` of 0, and the gradient
+      handed to ``update`` is dead code under ``jit`` (no pass is spent on
+      it). ``nonfinite="fallback"`` is then refused.
   """
 
   init: Callable[[PyTree], PyTree]
@@ -116,6 +121,7 @@ class Rule(NamedTuple):
   companion: Optional[Callable[..., PyTree]] = None
   parallel: bool = False
   pass_closure: Optional[tuple[str, str]] = None
+  reads_clean: bool = True
 
 
 def _static_number(value: Any) -> Optional[float]:
@@ -186,6 +192,12 @@ def build(
   collectives.check_options(caller, axis_name, sync_perturbation, group_size)
   if rule.points:
     _check_points(caller, rule, num_ascent_steps)
+  if not rule.reads_clean and nonfinite == "fallback":
+    raise ValueError(
+        f"`{caller}`: nonfinite='fallback' hands on the clean gradient, which"
+        f" `{caller}` does not compute from; use 'skip' (a zero gradient) or"
+        " 'propagate'."
+    )
   if rule.companion is not None:
     if rule.points:
       raise ValueError(f"`{caller}`: a rule takes `points` or a `companion`, not both.")
@@ -238,9 +250,12 @@ def build(
     )
     del extra_args
     count = state.count
-    if checks.active():  # opt-in: compiled only while the checks are on
-      checks.compare(cfg.caller, oracle, local, params, count)
-    clean = stages.clean_gradient(cfg, local)
+    if not rule.reads_clean:  # the caller's gradient is left dead
+      clean = stages.unread_clean(local)
+    else:
+      if checks.active():  # opt-in: compiled only while the checks are on
+        checks.compare(cfg.caller, oracle, local, params, count)
+      clean = stages.clean_gradient(cfg, local)
     rho_t = stages.radius(cfg, count, state.radius)
     direction, prepared, variant = stages.ascent_direction(
         cfg, clean, params, state.variant, count

@@ -126,6 +126,14 @@ def clean_gradient(cfg: Config, local: PyTree) -> Clean:
   return Clean(g, norm, finite, local)
 
 
+def unread_clean(local: PyTree) -> Clean:
+  """The stand-in for a rule that does not read the clean gradient: zeros,
+  finite, of norm 0, none of it computed from ``local``."""
+  zeros = jax.tree.map(jnp.zeros_like, local)
+  norm = tree.global_norm(zeros)  # a constant, in the dtype the stages expect
+  return Clean(zeros, norm, jnp.isfinite(norm), zeros)
+
+
 def radius(cfg: Config, count: jax.Array, state: Any) -> jax.Array:
   """``rho`` in force at step ``count``.
 

@@ -103,6 +103,7 @@ def _rule(learning_rate, lam, momentum, weight_decay, eps, parallel) -> builder.
       companion=companion,
       parallel=parallel,
       pass_closure=("previous_loss_fn", "previous_grad_fn"),
+      reads_clean=False,
   )
 
 
@@ -164,11 +165,11 @@ def sampa(
     Without it the perturbed gradient is taken on the current batch too,
     an approximation that needs no batch kept between steps.
 
-  The clean gradient handed to ``update`` enters no formula: it is read only
-  for the statistics (``grad_norm``) and the non-finite check (a non-finite
-  one hands on NaN, as in :func:`sam_optax.sam`). Computing it costs a third
-  forward/backward pass; pass ``jax.tree.map(jnp.zeros_like, params)``
-  instead to pay SAMPa's two.
+  The clean gradient handed to ``update`` is checked for its structure and
+  otherwise not read (``SAMState.stats.grad_norm`` is 0): inside ``jax.jit``
+  its computation is dead code, so the usual training step costs SAMPa's two
+  passes (``benchmarks/variant_cost.py`` measures 2.0× a plain step);
+  outside ``jit`` pass zeros to skip computing it.
 
   **Parallel form.** ``parallel=True`` evaluates the two gradients in one
   ``jax.vmap`` over the two points (a batch of two parameter sets through
@@ -178,8 +179,7 @@ def sampa(
   activation memory for fewer, larger kernels; see
   ``benchmarks/sampa_parallel.py``.
 
-  Cost: 2 forward/backward passes per step, parallel (besides the clean
-  gradient, which SAMPa does not need); one float32 buffer for
+  Cost: 2 forward/backward passes per step, parallel; one float32 buffer for
   :math:`\nabla f(y)`, one more with ``momentum``.
 
   What is verified: the rule is transcribed from ``train.py`` of the
@@ -227,8 +227,10 @@ def sampa(
       Keep it static under ``optax.inject_hyperparams``
       (``static_args=("parallel",)``).
     eps: added to :math:`\|\nabla f(y_t)\|`.
-    nonfinite: see :func:`sam_optax.sam`; the stored gradient and buffer
-      keep their last finite values.
+    nonfinite: ``"skip"`` (default) or ``"propagate"``, see
+      :func:`sam_optax.sam`; the stored gradient and buffer keep their last
+      finite values. ``"fallback"`` (the clean gradient) is refused: SAMPa
+      does not read it.
     axis_name: see :func:`sam_optax.sam`. Each member takes its gradients
       on its own batch; the output and the stored gradient are averaged
       over the axis, so the next ascent follows the mean gradient.
@@ -259,7 +261,7 @@ def sampa(
     ...   batch = (xs[2 * (t % 2):][:2], ys[2 * (t % 2):][:2])
     ...   previous = previous or batch          # step 0: the current batch
     ...   updates, state = tx.update(
-    ...       jax.tree.map(jnp.zeros_like, w), state, w,  # clean gradient unused
+    ...       jax.tree.map(jnp.zeros_like, w), state, w,  # not read
     ...       loss_fn=lambda p, b=batch: loss(p, *b),
     ...       previous_loss_fn=lambda p, b=previous: loss(p, *b))
     ...   w = optax.apply_updates(w, updates)
