@@ -352,19 +352,9 @@ def verdict(d: dict[str, Any]) -> str:
   """``win`` / ``loss`` / ``tie`` from the 95% t-interval of a paired loss difference.
 
   The difference is ``method − reference`` in test loss, so below zero is
-  better for the method.
+  better for the method (:func:`benchmarks.common.stats.verdict`).
   """
-  from scipy import stats as st  # pylint: disable=import-outside-toplevel
-
-  n = d["n"]
-  if n < 2:
-    return "tie"
-  half = st.t.ppf(0.975, n - 1) * d["std"] / math.sqrt(n)
-  if d["mean"] + half < 0:
-    return "win"
-  if d["mean"] - half > 0:
-    return "loss"
-  return "tie"
+  return stats.verdict(d, higher_is_better=False)
 
 
 def paired(methods: dict[str, Any]) -> dict[str, Any]:

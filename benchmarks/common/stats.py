@@ -34,6 +34,37 @@ def paired(a: Any, b: Any) -> dict[str, Any]:
   }
 
 
+def t_half_width(d: dict[str, Any], level: float = 0.95) -> float:
+  """Half-width of the ``level`` t-interval of the mean of a :func:`paired` result.
+
+  ``nan`` with fewer than two seeds.
+  """
+  from scipy import stats as st  # pylint: disable=import-outside-toplevel
+
+  n = d["n"]
+  if n < 2:
+    return float("nan")
+  return float(st.t.ppf(0.5 + level / 2, n - 1) * d["std"] / np.sqrt(n))
+
+
+def verdict(d: dict[str, Any], *, higher_is_better: bool) -> str:
+  """``win`` / ``loss`` / ``tie`` of a paired difference ``method − reference``.
+
+  *win* when the 95% t-interval lies entirely on the better side of zero
+  (above it when ``higher_is_better``, below it otherwise), *loss* when on
+  the worse side, *tie* otherwise (and always with fewer than two seeds).
+  """
+  half = t_half_width(d)
+  if not np.isfinite(half):
+    return "tie"
+  lo, hi = d["mean"] - half, d["mean"] + half
+  if (lo > 0) if higher_is_better else (hi < 0):
+    return "win"
+  if (hi < 0) if higher_is_better else (lo > 0):
+    return "loss"
+  return "tie"
+
+
 def pct(mean: float, std: float) -> str:
   """``mean ± std`` of a fraction, in percent."""
   return f"{100 * mean:.1f} ± {100 * std:.1f}"
