@@ -14,6 +14,8 @@ functions, ``init(key) -> params`` and ``apply(params, x, *, dropout_key)
 step must use the same key in both passes, so the loss closure closes over
 it (see :func:`loss_closure`). :func:`lm_loss` is the mean per-token
 cross-entropy, with an optional mask that leaves out padding.
+:func:`hidden_states` returns the final hidden states instead of the logits,
+for a task head on a pre-trained model (``benchmarks/fine_tuning.py``).
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ class CausalTransformer(nn.Module):
   attention_dropout: float | None = None
 
   @nn.compact
-  def __call__(self, tokens, *, train: bool = False):
+  def __call__(self, tokens, *, train: bool = False, return_hidden: bool = False):
     length = tokens.shape[-1]
     if length > self.max_len:
       raise ValueError(f"sequence of {length} tokens exceeds max_len {self.max_len}.")
@@ -98,6 +100,8 @@ class CausalTransformer(nn.Module):
                            self.num_layers, self.attention_dropout,
                            name=f"block{i}")(x, mask, train=train)
     x = nn.LayerNorm(name="ln_out")(x)
+    if return_hidden:  # the final hidden states (B, T, d_model), for a task head
+      return x
     return embed.attend(x)  # tied output layer
 
 
@@ -117,13 +121,15 @@ class GRULanguageModel(nn.Module):
   dropout: float = 0.1
 
   @nn.compact
-  def __call__(self, tokens, *, train: bool = False):
+  def __call__(self, tokens, *, train: bool = False, return_hidden: bool = False):
     embed = nn.Embed(self.vocab_size, self.d_model, embedding_init=_INIT, name="embed")
     x = nn.Dropout(self.dropout)(embed(tokens), deterministic=not train)
     for i in range(self.num_layers):
       x = nn.RNN(nn.GRUCell(self.d_model), name=f"gru{i}")(x)
       x = nn.Dropout(self.dropout)(x, deterministic=not train)
     x = nn.LayerNorm(name="ln_out")(x)
+    if return_hidden:
+      return x
     return embed.attend(x)
 
 
@@ -173,6 +179,19 @@ def language_model(kind: str, vocab_size: int, *, length: int = 128, d_model: in
     return module.apply({"params": params}, x, train=True, rngs={"dropout": dropout_key})
 
   return LanguageModel(kind, module, init, apply, desc)
+
+
+def hidden_states(model: LanguageModel, params: Params, x: jax.Array, *,
+                  dropout_key: jax.Array | None = None) -> jax.Array:
+  """The final hidden states ``(B, T, d_model)`` (after the last LayerNorm).
+
+  The logits of ``model.apply`` are these times the transposed embedding;
+  a task head (fine-tuning) reads them instead. Dropout as in ``apply``.
+  """
+  if dropout_key is None:
+    return model.module.apply({"params": params}, x, train=False, return_hidden=True)
+  return model.module.apply({"params": params}, x, train=True, return_hidden=True,
+                            rngs={"dropout": dropout_key})
 
 
 def lm_loss(logits: jax.Array, targets: jax.Array,
