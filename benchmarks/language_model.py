@@ -162,12 +162,17 @@ class Trainer:
 
   A run is ``(seed, rho, total steps)``; the training data (tokens and
   window starts, padded to the full training split) are arguments, so the
-  three fractions share the program.
+  three fractions share the program. ``ascent_batch``: take the clean
+  gradient (SAM's ascent) on the first ``ascent_batch`` windows of each
+  batch only, the closure on all of them (Bahri et al.'s cheap ascent);
+  ``None`` for the whole batch.
   """
 
-  def __init__(self, model: sm.LanguageModel, cfg: dict[str, Any], method: str):
+  def __init__(self, model: sm.LanguageModel, cfg: dict[str, Any], method: str,
+               kind: str | None = None, ascent_batch: int | None = None):
     self.model, self.cfg, self.method = model, cfg, method
-    kind = "adamw" if method == "adamw2x" else method
+    if kind is None:
+      kind = "adamw" if method == "adamw2x" else method
     T, B = cfg["length"], cfg["batch"]
 
     def init(seed, rho, total):
@@ -183,8 +188,13 @@ class Trainer:
         params, opt_state = carry
         x, y = text.random_windows(jax.random.fold_in(k_data, t), tokens, starts,
                                    num_starts, B, T)
-        loss_fn = sm.loss_closure(model, x, y, jax.random.fold_in(k_drop, t))
-        loss, grads = jax.value_and_grad(loss_fn)(params)
+        k_t = jax.random.fold_in(k_drop, t)
+        loss_fn = sm.loss_closure(model, x, y, k_t)
+        if ascent_batch is None:
+          loss, grads = jax.value_and_grad(loss_fn)(params)
+        else:  # the step's dropout key (masks of the sub-batch's shape)
+          sub = sm.loss_closure(model, x[:ascent_batch], y[:ascent_batch], k_t)
+          loss, grads = jax.value_and_grad(sub)(params)
         updates, opt_state = tx.update(grads, opt_state, params, loss_fn=loss_fn)
         return (optax.apply_updates(params, updates), opt_state), loss
 
