@@ -131,6 +131,15 @@ def _lookbehind(h, total_steps, num_data):
       alpha=0.5)
 
 
+def _sampa(h, total_steps, num_data):
+  # The extrapolation predicts the shared base: SGD with momentum and wd.
+  del num_data
+  return optax.chain(
+      sam_optax.sampa(lr_schedule(h, total_steps), rho_value(h), lam=0.2,
+                      momentum=MOMENTUM, weight_decay=h["wd"]),
+      sgd_base(h, total_steps))
+
+
 def _bsam(h, total_steps, num_data):
   # The prior's pull delta = prior_precision / N is the weight decay.
   return sam_optax.bsam(
@@ -168,6 +177,15 @@ VARIANTS: dict[str, Variant] = {
         note=f"Lookbehind-SAM k = {LOOKBEHIND_K} and α = 0.5, its base stepped"
              f" {LOOKBEHIND_K} times per update with the cosine spread over"
              " all of them"),
+    "sam_2steps": Variant(
+        "SAM, 2 ascent steps", lambda r: sam_optax.sam(r, num_ascent_steps=2),
+        note="SAM with 2 ascent steps of ρ/2 (3 passes, as Lookbehind-SAM's)"),
+    "gam": Variant("GAM", lambda r: sam_optax.gam(r),
+                   note="GAM ρ′ = ρ/10, β0 = 0.5, β1 = 0.6, γ = 0.03"),
+    "sampa": Variant(
+        "SAMPa", None, build=_sampa, is_base_at_rho_zero=False,
+        note="SAMPa λ = 0.2, its extrapolation predicting the momentum base,"
+             " both gradients on the current batch"),
     "bsam": Variant(
         "bSAM", None, rho_scale=0.1, build=_bsam, is_base_at_rho_zero=False,
         note="bSAM (which replaces SGD) on SGD's lr grid and a tenth of its"
@@ -774,7 +792,8 @@ def cost_table(result: dict[str, Any]) -> str:
         v = c[kind]
         if kind == "flops_ratio" and key == SGD_2X and v is not None:
           v = 2 * v  # per run, twice the steps
-        cells.append("–" if v is None else f"{v:.2f}")
+        mark = "†" if kind == "s_per_run" and c.get("added") else ""
+        cells.append("–" if v is None else f"{v:.2f}{mark}")
     rows.append(cells)
   return stats.markdown_table(header, rows)
 
@@ -866,7 +885,36 @@ def limits(result: dict[str, Any]) -> str:
       f" ({'; '.join(notes)}) and share SGD's weight decay:"
       " every optimizer chooses among 4 configurations. The seconds per run"
       " were measured on a machine shared with other work."
+      + rerun_sentence(result)
   )
+
+
+def rerun_sentence(result: dict[str, Any]) -> str:
+  """How far SGD rerun by ``--add`` is from the stored SGD, if anywhere.
+
+  An added optimizer is paired with the SGD of its own run (same data,
+  same seeds); the SGD rows of the tables are the stored run's.
+  """
+  worst: dict[str, dict[str, float]] = {}
+  for name, model_name, nk in _settings_order(result):
+    e = result["parts"][name]["models"][model_name]["noise"][nk]["sgd"]
+    label = result["parts"][name]["label"]
+    for keys, r in e.get("sgd_rerun", {}).items():
+      d = abs(r["test_acc"]["mean"] - r["stored_test_acc"]["mean"])
+      per = worst.setdefault(keys, {})
+      per[label] = max(per.get(label, 0.0), d)
+  if not worst:
+    return ""
+  runs = []
+  for keys, per in worst.items():
+    added = "; ".join(LABELS[x] for x in keys.split(","))
+    gaps = ", ".join("identical" + f" on {label}" if d == 0 else
+                     f"up to {100 * d:.1f} points on {label}"
+                     for label, d in per.items())
+    runs.append(f"the run adding {added}: {gaps}")
+  return (" Optimizers added later (`--add`) are paired with SGD rerun in their"
+          " own run, on the same data and seeds; that rerun's mean test"
+          " accuracy differs from the SGD shown by (" + "; ".join(runs) + ").")
 
 
 def stability_sentences(result: dict[str, Any]) -> list[str]:
@@ -969,7 +1017,9 @@ def readme_region(result: dict[str, Any]) -> str:
         " amortized over its k = 5 steps; per run for SGD 2×), and measured"
         " seconds per run (wall clock of a sweep, evaluations included, divided"
         " by its runs; one run after another on this machine, shared with"
-        " other work, so the seconds are indicative only)."),
+        " other work, so the seconds are indicative only; † marks optimizers"
+        " added later with `--add`, timed in another run under another load,"
+        " not comparable with the rows above them)."),
         "",
         cost_table(result),
         "",
@@ -1130,7 +1180,7 @@ def merge_added(result: dict[str, Any], name: str, part: dict[str, Any],
       for key in keys:
         old["noise"][nk][key] = entry[key]
     for key in keys:
-      old["costs"][key] = new["costs"][key]
+      old["costs"][key] = {**new["costs"][key], "added": True}
   stored.setdefault("added_wall_s", {})[",".join(keys)] = part["wall_s"]
   return result
 
