@@ -51,8 +51,8 @@ Protocol:
 
 ``python benchmarks/language_model.py`` writes ``<out>/language_model.json``
 (``language_model_gru.json`` for the GRU) and a plot; ``--readme README.md``
-regenerates the README's region (``language-model``; the GRU writes to a
-``language-model-gru`` region, which the README does not have yet);
+regenerates the README's region (``language-model``; the GRU's is
+``language-model-gru``);
 ``--report-only`` rewrites both from the JSON; ``--quick`` is a smoke test
 (about a minute on two idle cores; 23 minutes for the full run on a shared
 machine, 22 minutes of process CPU time).
