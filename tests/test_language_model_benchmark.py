@@ -266,3 +266,20 @@ def test_quick_run_writes_the_readme_table(quick):
     test_loss = float(cells[6].split("±")[0])
     assert math.isfinite(test_loss) and 0 < test_loss < 6
   assert "Where SAM wins, loses or ties" in body
+
+
+def test_quick_gru_run_writes_its_own_json_and_region(tmp_path):
+  # Experiment 3: the GRU through the same command, into its own files and region.
+  start, end = lm.region("gru")
+  readme = tmp_path / "README.md"
+  readme.write_text(f"{lm.START}\ntransformer\n{lm.END}\n{start}\nold\n{end}\n")
+  result = lm.main(["--model", "gru", "--quick", "--fractions", "0.05", "--out",
+                    str(tmp_path), "--readme", str(readme)])
+  assert (tmp_path / lm.json_name("gru")).exists() and (tmp_path / lm.plot_name("gru")).exists()
+  assert not (tmp_path / lm.json_name("transformer")).exists()
+  assert result["model_description"].startswith("GRU")
+  (entry,) = result["fractions"].values()
+  firsts = {m: e["curve"][0] for m, e in entry["methods"].items()}  # paired
+  assert max(firsts.values()) - min(firsts.values()) < 1e-5, firsts
+  body = readme.read_text()
+  assert "transformer" in body and "old" not in body and "--model gru" in body
