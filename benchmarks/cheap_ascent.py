@@ -4,7 +4,7 @@ Bahri, Mobahi and Tay (ACL 2022) take SAM's ascent gradient on a quarter of
 the batch and the descent gradient on all of it, for about 1.25 times the
 cost of a plain step instead of 2. With sam_optax this needs no option: the
 clean gradient handed to ``update`` is the sub-batch's, the closure the whole
-batch's (README, "Cheap ascent"). This benchmark measures what it costs and
+batch's (the user guide, "Cheap ascent"). This benchmark measures what it costs and
 what it buys, beside full SAM, on the language model of
 ``benchmarks/language_model.py`` (same data, model, base optimizer, steps and
 pairing; see that module's docstring):
@@ -23,8 +23,8 @@ pairing; see that module's docstring):
 The training loss of the ¼-batch method's curve is the sub-batch's (the
 closure's full-batch loss at the perturbed point is not the clean loss).
 
-``python benchmarks/cheap_ascent.py --readme README.md`` writes
-``<out>/cheap_ascent.json`` and the README region ``cheap-ascent``;
+``python benchmarks/cheap_ascent.py --report docs/benchmarks/cheap_ascent.md`` writes
+``<out>/cheap_ascent.json`` and the report region ``cheap-ascent``;
 ``--report-only`` rewrites the region from the JSON; ``--quick`` is a smoke
 test.
 """
@@ -183,7 +183,7 @@ def report(result: dict[str, Any]) -> str:
       " **win**/**loss**: the interval lies below/above 0, **tie** otherwise."
       " FLOPs from XLA's cost analysis of one compiled step; seconds measured"
       " with the methods of a seed run one after another on a shared machine."
-      " Reproduce with `python benchmarks/cheap_ascent.py --readme README.md`.",
+      " Reproduce with `python benchmarks/cheap_ascent.py --report docs/benchmarks/cheap_ascent.md`.",
       "", stats.markdown_table(header, rows), ""]
   verb = {"win": "wins", "loss": "loses", "tie": "ties"}
   for e in result["fractions"].values():
@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--rho", type=float, default=0.05)
   parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
   parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-  parser.add_argument("--readme", type=Path, default=None)
+  parser.add_argument("--report", "--readme", dest="readme", type=Path, default=None)
   parser.add_argument("--report-only", action="store_true")
   parser.add_argument("--quick", action="store_true",
                       help="smoke test: a tiny model, 20 steps, 2 seeds, 5%%")

@@ -20,8 +20,8 @@ per-seed differences of the domain-averaged accuracy, and each method's
 cost: single-domain gradient evaluations per step and XLA's FLOPs per step.
 
 ``python benchmarks/domain_generalization.py`` writes
-``<out>/domain_generalization.json``; ``--readme README.md`` regenerates the
-README's region; ``--report-only`` rewrites it from the JSON; ``--quick`` is
+``<out>/domain_generalization.json``; ``--report docs/benchmarks/domain_generalization.md`` regenerates the
+the page's region; ``--report-only`` rewrites it from the JSON; ``--quick`` is
 a smoke test.
 """
 
@@ -244,7 +244,7 @@ def report(result: dict[str, Any]) -> str:
       " on the training domains' validation split. *spread*: std of the"
       " per-domain means across unseen domains; *grads/step*: single-domain"
       " gradient evaluations. Reproduce with `python"
-      " benchmarks/domain_generalization.py --readme README.md`.", "",
+      " benchmarks/domain_generalization.py --report docs/benchmarks/domain_generalization.md`.", "",
       stats.markdown_table(header, rows), ""]
   for pair in ("dgsam-erm", "dgsam-sam", "sam-erm"):
     d = summ[pair]
@@ -261,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--per-domain", type=int, default=280)
   parser.add_argument("--seeds", type=int, default=5)
   parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-  parser.add_argument("--readme", type=Path, default=None)
+  parser.add_argument("--report", "--readme", dest="readme", type=Path, default=None)
   parser.add_argument("--report-only", action="store_true")
   parser.add_argument("--quick", action="store_true",
                       help="smoke test: 20 steps, 2 seeds, one held-out domain, one rho")

@@ -71,7 +71,7 @@ Protocol:
   interval lies above / below zero, *tie* otherwise.
 
 ``python benchmarks/fine_tuning.py`` writes ``<out>/fine_tuning.json`` and
-``<out>/fine_tuning.png``; ``--readme README.md`` regenerates the README's
+``<out>/fine_tuning.png``; ``--report docs/benchmarks/fine_tuning.md`` regenerates the page's
 ``fine-tuning`` region; ``--report-only`` rewrites both from the JSON;
 ``--quick`` is a smoke test (a tiny model, 20 steps, 2 seeds, one fraction,
 one ρ).
@@ -633,7 +633,7 @@ def report(result: dict[str, Any]) -> str:
       f" t-interval (in brackets the seeds where it is higher); **win**/**loss**: the"
       f" interval lies above/below 0, **tie** otherwise. *s/run*: training seconds"
       f" per run on a shared machine. Reproduce with"
-      f" `python benchmarks/fine_tuning.py --readme README.md`.", "",
+      f" `python benchmarks/fine_tuning.py --report docs/benchmarks/fine_tuning.md`.", "",
       stats.markdown_table(header, rows), "",
       "Where SAM wins, loses or ties (test accuracy; verdicts as above):", ""]
   for entry in result["fractions"].values():
@@ -708,9 +708,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--cache", type=Path,
                       default=Path(tempfile.gettempdir()) / "sam_optax_fine_tuning",
                       help="folder of the cached pre-trained parameters")
-  parser.add_argument("--readme", type=Path, default=None)
+  parser.add_argument("--report", "--readme", dest="readme", type=Path, default=None)
   parser.add_argument("--report-only", action="store_true",
-                      help="rewrite the README region and the plot from the JSON")
+                      help="rewrite the report region and the plot from the JSON")
   parser.add_argument("--quick", action="store_true",
                       help="smoke test: a tiny model, 20 steps, 2 seeds, one fraction, one ρ")
   args = parser.parse_args(argv)

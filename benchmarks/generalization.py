@@ -26,8 +26,8 @@ included for comparison.
 ``python benchmarks/generalization.py`` runs the three parts (``mnist1d``,
 ``digits``, ``stability``; ``--part`` runs one, keeping the others in the
 JSON), writes ``<out>/generalization.json`` and PNG plots, and with
-``--readme README.md`` regenerates the README's generalization section from
-the JSON (``--part none --readme README.md`` only does that). ``--quick`` is
+``--report docs/benchmarks/generalization.md`` regenerates the page's generalization section from
+the JSON (``--part none --report docs/benchmarks/generalization.md`` only does that). ``--quick`` is
 a smoke test.
 """
 
@@ -93,7 +93,7 @@ class Variant(NamedTuple):
     is_base_at_rho_zero: ``rho = 0`` gives the base optimizer's update
       (false for an optimizer that replaces the base, or steps it several
       times per update).
-    note: its settings besides ρ, for the README's limits paragraph.
+    note: its settings besides ρ, for the page's limits paragraph.
   """
 
   label: str
@@ -322,13 +322,13 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
       description=__doc__.split("\n\n")[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("--part", choices=("all", *PARTS, "none"), default="all",
-                      help="which part to run; 'none' only rewrites the README")
+                      help="which part to run; 'none' only rewrites the report page")
   parser.add_argument("--epochs", type=int, default=40)
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--stability-seeds", type=int, default=5)
   parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-  parser.add_argument("--readme", type=Path, default=None,
-                      help="rewrite this README's generalization region")
+  parser.add_argument("--report", "--readme", dest="readme", type=Path, default=None,
+                      help="rewrite this page's generalization region")
   parser.add_argument("--quick", action="store_true",
                       help="smoke test: 2 epochs, 2 seeds, SGD and SAM, MLPs")
   parser.add_argument("--no-progress", action="store_true")
@@ -678,7 +678,7 @@ def _first_collapse(res: sweep.SweepResult) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------
-# Report: tables, README region, plots.
+# Report: tables, report region, plots.
 
 
 def _settings_order(result: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -960,7 +960,7 @@ def _rho_scales(settings: dict[str, Any]) -> str:
 
 
 def readme_region(result: dict[str, Any]) -> str:
-  """The generated README text between the markers."""
+  """The generated report text between the markers."""
   s = result["settings"]
   env = result["environment"]
   wall = result.get("wall_s", {})
@@ -1150,7 +1150,7 @@ def command(s: Settings) -> str:
   cmd = "python benchmarks/generalization.py"
   if s.quick:
     cmd += " --quick"
-  return cmd + " --readme README.md"
+  return cmd + " --report docs/benchmarks/generalization.md"
 
 
 SAME_SETTINGS = ("epochs", "eval_every", "seeds", "noise", "quick", "momentum",
@@ -1208,13 +1208,13 @@ def _main_add(s: Settings, path: Path) -> dict[str, Any]:
     path.write_text(json.dumps(result, indent=1))
   flag = " --quick" if s.quick else ""
   result["command"] += (f"; python benchmarks/generalization.py{flag} --add"
-                        f" {' '.join(keys)} --readme README.md")
+                        f" {' '.join(keys)} --report docs/benchmarks/generalization.md")
   path.write_text(json.dumps(result, indent=1))
   return result
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  """Runs the requested parts, writes JSON, plots and README; returns the JSON."""
+  """Runs the requested parts, writes JSON, plots and the report page; returns the JSON."""
   s = parse_args(argv)
   s.out.mkdir(parents=True, exist_ok=True)
   path = s.out / JSON_NAME
@@ -1244,7 +1244,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _report(s: Settings, path: Path, result: dict[str, Any]) -> dict[str, Any]:
-  """Plots and the README region from ``result``."""
+  """Plots and the report region from ``result``."""
   if not result["parts"]:
     raise SystemExit(f"no results in {path}; run a part first.")
   if _settings_order(result):

@@ -50,8 +50,8 @@ Protocol:
   below / above zero, *tie* otherwise.
 
 ``python benchmarks/language_model.py`` writes ``<out>/language_model.json``
-(``language_model_gru.json`` for the GRU) and a plot; ``--readme README.md``
-regenerates the README's region (``language-model``; the GRU's is
+(``language_model_gru.json`` for the GRU) and a plot; ``--report docs/benchmarks/language_model.md``
+regenerates the page's region (``language-model``; the GRU's is
 ``language-model-gru``);
 ``--report-only`` rewrites both from the JSON; ``--quick`` is a smoke test
 (about a minute on two idle cores; 23 minutes for the full run on a shared
@@ -104,7 +104,7 @@ QUICK = dict(d_model=32, num_layers=1, num_heads=2, length=32, batch=8, steps=20
 
 
 def region(model: str) -> tuple[str, str]:
-  """README markers of a model's table (the GRU's region is not in the README)."""
+  """Report markers of a model's table (the GRU's region is on the same page)."""
   if model == "transformer":
     return START, END
   return (f"<!-- language-model-{model}:start -->", f"<!-- language-model-{model}:end -->")
@@ -428,7 +428,7 @@ def report(result: dict[str, Any]) -> str:
           _pair_cell(entry["paired"].get(f"{m}-adamw2x")),
           f"{e['run_s']:.0f}"])
   cmd = "python benchmarks/language_model.py" + (
-      "" if s["model"] == "transformer" else f" --model {s['model']}") + " --readme README.md"
+      "" if s["model"] == "transformer" else f" --model {s['model']}") + " --report docs/benchmarks/language_model.md"
   lines = [
       f"Measured by `benchmarks/language_model.py` ({result['model_description']},"
       f" {result['n_params']:,} parameters; {result['corpus']}; windows of"
@@ -522,9 +522,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
   parser.add_argument("--rhos", type=float, nargs="+", default=list(RHOS))
   parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-  parser.add_argument("--readme", type=Path, default=None)
+  parser.add_argument("--report", "--readme", dest="readme", type=Path, default=None)
   parser.add_argument("--report-only", action="store_true",
-                      help="rewrite the README region and the plot from the JSON")
+                      help="rewrite the report region and the plot from the JSON")
   parser.add_argument("--quick", action="store_true",
                       help="smoke test: a tiny model, 20 steps, 2 seeds, one ρ")
   args = parser.parse_args(argv)

@@ -21,7 +21,7 @@ epoch``): an intermediate evaluation is a snapshot of the long run at a still
 large learning rate, not the end of a shorter run.
 
 ``python benchmarks/long_training.py`` writes ``<out>/long_training.json`` and
-``<out>/long_training.png``; ``--readme README.md`` rewrites the README's
+``<out>/long_training.png``; ``--report docs/benchmarks/long_training.md`` rewrites the page's
 ``long-training`` region; ``--report-only`` redoes the plot and region from
 the JSON; ``--quick`` is a smoke test (4 epochs, 2 seeds).
 """
@@ -102,12 +102,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--eval-every", type=int, default=10)
   parser.add_argument("--seeds", type=int, default=5)
   parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-  parser.add_argument("--readme", type=Path, default=None,
-                      help="rewrite this README's long-training region")
+  parser.add_argument("--report", "--readme", dest="readme", type=Path, default=None,
+                      help="rewrite this page's long-training region")
   parser.add_argument("--tuned", type=Path, default=TUNED_JSON,
                       help="generalization JSON with the tuned settings")
   parser.add_argument("--report-only", action="store_true",
-                      help="only redo the plot and README region from the JSON")
+                      help="only redo the plot and report region from the JSON")
   parser.add_argument("--quick", action="store_true",
                       help="smoke test: 4 epochs, evaluation every 2, 2 seeds")
   parser.add_argument("--no-progress", action="store_true")
@@ -128,7 +128,7 @@ def command(args: argparse.Namespace) -> str:
       cmd += f" --eval-every {args.eval_every}"
     if args.seeds != 5:
       cmd += f" --seeds {args.seeds}"
-  return cmd + " --readme README.md"
+  return cmd + " --report docs/benchmarks/long_training.md"
 
 
 # ---------------------------------------------------------------------------
@@ -407,7 +407,7 @@ def _epochs_range(xs: Sequence[int]) -> str:
 
 
 def readme_region(result: dict[str, Any]) -> str:
-  """The generated README text between the markers."""
+  """The generated report text between the markers."""
   s = result["settings"]
   env = result["environment"]
   opt = result["optimizers"]
@@ -501,7 +501,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  """Runs (or reloads) the benchmark, writes JSON, plot and README region."""
+  """Runs (or reloads) the benchmark, writes JSON, plot and report region."""
   args = parse_args(argv)
   path = args.out / JSON_NAME
   if args.report_only:

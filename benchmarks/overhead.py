@@ -42,10 +42,10 @@ more temporary memory and no conditional in the compiled step.
 
 ``python benchmarks/overhead.py [--device cpu|gpu] [--dtype float32|bfloat16]
 [--size default|large] [--quick] [--out benchmarks/results]
-[--readme README.md]`` writes ``overhead_<device>.json`` (a suffix names a
+[--report docs/benchmarks/cost.md]`` writes ``overhead_<device>.json`` (a suffix names a
 non-default dtype, size or ``--quick``) and, with ``--readme``, rewrites the
-README region between the ``overhead`` markers from that JSON.
-``--from-json FILE --readme README.md`` regenerates the region from a saved
+report region between the ``overhead`` markers from that JSON.
+``--from-json FILE --report docs/benchmarks/cost.md`` regenerates the region from a saved
 JSON without measuring; ``--models`` and ``--variants`` measure a subset.
 """
 
@@ -607,7 +607,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     flags.append("--variants " + " ".join(f'"{v}"' for v in args.variants))
   result = {
       "command": "python benchmarks/overhead.py " + " ".join(flags)
-      + " --readme README.md",
+      + " --report docs/benchmarks/cost.md",
       "date": datetime.date.today().isoformat(),
       "device": args.device, "dtype": args.dtype, "size": size,
       "machine": machine_info(device),
@@ -654,7 +654,7 @@ def _fmt_floor(f: dict[str, Any]) -> str:
 
 
 def report(result: dict[str, Any]) -> str:
-  """The README region: generated from the JSON alone."""
+  """The report region: generated from the JSON alone."""
   m = result["machine"]
   meth = result["method"]
   models = result["models"]
@@ -935,7 +935,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                       help="subset of the transforms, by name (quote names"
                       " with spaces); the base step is always measured")
   parser.add_argument("--out", type=Path, default=_ROOT / "benchmarks" / "results")
-  parser.add_argument("--readme", type=Path, default=None,
+  parser.add_argument("--report", "--readme", dest="readme", type=Path, default=None,
                       help="rewrite the region between the overhead markers")
   parser.add_argument("--from-json", type=Path, default=None,
                       help="measure nothing: report (and --readme) this JSON")

@@ -14,7 +14,7 @@ program (count and bytes per device, parsed from the optimized HLO), which
 are deterministic.
 
 ``python benchmarks/sharded.py [--device cpu|gpu] [--out benchmarks/results]
-[--readme README.md] [--quick]``
+[--report docs/guide/distributed.md] [--quick]``
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--device", choices=("cpu", "gpu", "tpu"), default="cpu")
   parser.add_argument("--out", type=Path, default=_ROOT / "benchmarks" / "results")
-  parser.add_argument("--readme", type=Path, default=None)
+  parser.add_argument("--report", "--readme", dest="readme", type=Path, default=None)
   parser.add_argument("--quick", action="store_true")
   args = parser.parse_args(argv)
   result = run(args.device, args.out, args.quick)

@@ -11,9 +11,9 @@ XLA counts the costlier branch of the conditional, so the compiled figure is
 the cost of a step that takes the pass; the amortized cost uses the FLOPs of
 a step without the pass (the same transform at ρ = 0).
 
-``python benchmarks/variant_cost.py [--out results] [--readme README.md]``
+``python benchmarks/variant_cost.py [--out results] [--report docs/benchmarks/cost.md]``
 writes ``variant_cost.json`` and, with ``--readme``, rewrites the table
-between the ``variant-cost`` markers of the README from that JSON.
+between the ``variant-cost`` markers of the page from that JSON.
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def write_readme(readme: Path, result: dict[str, Any]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", type=Path, default=Path("results"))
-  parser.add_argument("--readme", type=Path, default=None)
+  parser.add_argument("--report", "--readme", dest="readme", type=Path, default=None)
   args = parser.parse_args(argv)
   result = run(args.out)
   print(table(result))

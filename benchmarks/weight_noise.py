@@ -23,7 +23,7 @@ Protocol:
   every level.
 
 ``python benchmarks/weight_noise.py`` writes ``<out>/weight_noise.json`` and
-``weight_noise.png``; ``--readme README.md`` regenerates the README's region;
+``weight_noise.png``; ``--report docs/benchmarks/weight_noise.md`` regenerates the page's region;
 ``--report-only`` rewrites them from the JSON; ``--quick`` is a smoke test.
 """
 
@@ -185,7 +185,7 @@ def paired_differences(opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def report(result: dict[str, Any]) -> str:
-  """The README region: one table per setting and noise model, and the pairs."""
+  """The report region: one table per setting and noise model, and the pairs."""
   s = result["settings"]
   lines = [
       f"Measured by `benchmarks/weight_noise.py` ({s['epochs']} epochs,"
@@ -193,7 +193,7 @@ def report(result: dict[str, Any]) -> str:
       f" run; {result['environment']['date']}; {result['wall_s']:.0f} s)."
       " Test accuracy, mean ± std over seeds; ρ selected on validation at"
       " SGD's selected lr and weight decay. Reproduce with `python"
-      " benchmarks/weight_noise.py --readme README.md`.", ""]
+      " benchmarks/weight_noise.py --report docs/benchmarks/weight_noise.md`.", ""]
   for name, setting in result["settings_results"].items():
     opts = setting["optimizers"]
     for noise, levels in LEVELS.items():
@@ -250,12 +250,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--seeds", type=int, default=5)
   parser.add_argument("--draws", type=int, default=32)
   parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-  parser.add_argument("--readme", type=Path, default=None)
+  parser.add_argument("--report", "--readme", dest="readme", type=Path, default=None)
   parser.add_argument("--quick", action="store_true",
                       help="smoke test: 2 epochs, 2 seeds, 4 draws, MNIST-1D only")
   parser.add_argument("--no-progress", action="store_true")
   parser.add_argument("--report-only", action="store_true",
-                      help="rewrite the README region and the plot from the JSON")
+                      help="rewrite the report region and the plot from the JSON")
   args = parser.parse_args(argv)
   args.progress = not args.no_progress
   if args.report_only:

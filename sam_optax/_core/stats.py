@@ -75,7 +75,7 @@ def sam_stats(opt_state: Any, *, missing: str = "none") -> Optional[SAMStats]:
 
   Returns:
     The stats of the first sharpness-aware transform found (see
-    :meth:`SAMStats.as_dict` for a logger), or as ``missing`` says.
+    :meth:`sam_optax.SAMStats.as_dict` for a logger), or as ``missing`` says.
 
   Examples:
     >>> import jax.numpy as jnp, optax, sam_optax

@@ -276,7 +276,7 @@ def friendly(
 
 
 class FisherMaskState(NamedTuple):
-  """The state of :func:`fisher_mask`.
+  """The state of :func:`sam_optax.perturbations.fisher_mask`.
 
   Attributes:
     mask: boolean arrays shaped like the parameters: the entries perturbed

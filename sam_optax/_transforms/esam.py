@@ -165,7 +165,7 @@ def esam(
   SWP is the perturbation part :func:`sam_optax.perturbations.random_mask`
   (``beta, key, inner=perturbations.l2(eps)``), usable with any direction
   and policy of :func:`sam_optax.sharpness_aware`; SDS is a property of the
-  loss closure, :func:`sds_loss`, which ``update`` applies to ``loss_fn``.
+  loss closure, ``sds_loss``, which ``update`` applies to ``loss_fn``.
 
   A scalar ``loss_fn`` is a batch of one: SDS then keeps it. With
   ``grad_fn=`` instead of ``loss_fn=`` there are no per-example losses and

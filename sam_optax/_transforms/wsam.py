@@ -211,8 +211,8 @@ def wsam_decoupled(
     rho: perturbation radius (a number or a schedule).
     gamma: :math:`\gamma \in [0, 1)`.
     max_norm: see :func:`sam_optax.wsam`.
-    eps, num_ascent_steps, nonfinite, axis_name, sync_perturbation,
-      group_size: see :func:`sam_optax.sam`.
+    eps, num_ascent_steps, nonfinite: see :func:`sam_optax.sam`.
+    axis_name, sync_perturbation, group_size: see :func:`sam_optax.sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a

@@ -37,7 +37,7 @@ class TrainState(train_state.TrainState):
   them and a ``tx`` that contains no sharpness-aware transform, the closures
   are ignored.
 
-  :meth:`create` stores ``step`` as an int32 array rather than Flax's Python
+  :meth:`TrainState.create` stores ``step`` as an int32 array rather than Flax's Python
   ``0``, so a jitted step compiles once for a fresh state, after the first
   step, and for a restored state alike. (Orbax restores arrays committed to
   a device, which ``jax.jit`` also keys on: to reuse the step compiled

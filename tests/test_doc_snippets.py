@@ -1,8 +1,13 @@
-"""The README's code runs as printed, and does what its text says.
+"""The README's and the documentation's code runs as printed, and does what
+its text says.
 
-Each block is taken from ``README.md`` by a line it contains, executed in a
-namespace that defines what the surrounding prose assumes (a model, a batch),
-and its result compared with an independent reference where it computes one.
+Each block is taken from ``README.md`` or a page under ``docs/`` by a line it
+contains, executed in a namespace that defines what the surrounding prose
+assumes (a model, a batch), and its result compared with an independent
+reference where it computes one. A block printed on several pages (the
+quickstart is in the README and in the getting-started page) must be the
+same text everywhere. ``tests/test_docs.py`` checks that every block of the
+README and the guide is claimed by a test here or in ``test_docs_*.py``.
 """
 
 from __future__ import annotations
@@ -23,28 +28,46 @@ from jax.sharding import PartitionSpec
 import sam_optax
 from tests.reference import sam_gradient
 
-README = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
-# Blocks inside a list item are indented; they run dedented.
-BLOCKS = [
-    textwrap.dedent(b)
-    for b in re.findall(r"```python\n(.*?)```", README, flags=re.S)
-]
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# Pages whose blocks other modules run: the variant family pages
+# (tests/test_docs_variants.py) and the migration guides
+# (tests/test_docs_migration.py).
+OWN_TESTS = {
+    "variants/geometry.md", "variants/sparse.md", "variants/directions.md",
+    "variants/efficient.md", "variants/full_optimizers.md",
+    "migration/optax_contrib.md", "migration/pytorch_sam.md",
+}
+SOURCES = [ROOT / "README.md"] + sorted(
+    p for p in (ROOT / "docs").rglob("*.md")
+    if "_build" not in p.parts
+    and p.relative_to(ROOT / "docs").as_posix() not in OWN_TESTS)
+
+
+def blocks_of(path: pathlib.Path) -> list[str]:
+  """The ```python blocks of a Markdown file (list-item blocks dedented)."""
+  return [textwrap.dedent(b)
+          for b in re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)]
+
+
+# Identical blocks on several pages count once.
+BLOCKS = list(dict.fromkeys(b for p in SOURCES for b in blocks_of(p)))
+HEADLINE = blocks_of(ROOT / "README.md")[0]
 
 
 def _block(anchor: str) -> str:
-  """The one Python block of the README that contains ``anchor``."""
+  """The one Python block of the README and the docs that contains ``anchor``."""
   found = [b for b in BLOCKS if anchor in b]
-  assert len(found) == 1, f"{len(found)} README blocks contain {anchor!r}"
+  assert len(found) == 1, f"{len(found)} distinct blocks contain {anchor!r}"
   return found[0]
 
 
 def _run(anchor: str, namespace: dict[str, Any]) -> dict[str, Any]:
-  exec(compile(_block(anchor), f"README.md<{anchor}>", "exec"), namespace)  # noqa: S102
+  exec(compile(_block(anchor), f"docs<{anchor}>", "exec"), namespace)  # noqa: S102
   return namespace
 
 
 def _mlp_namespace() -> dict[str, Any]:
-  """A small MLP, its parameters and a batch, as the README's prose assumes."""
+  """A small MLP, its parameters and a batch, as the docs' prose assumes."""
   k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
   params = {
       "w1": jax.random.normal(k1, (8, 16)) * 0.3, "b1": jnp.zeros(16),
@@ -69,7 +92,7 @@ def _mlp_namespace() -> dict[str, Any]:
 
 def test_quickstart_trains_and_matches_the_two_pass_step():
   ns = _run("def train_step(params, opt_state, batch):", _mlp_namespace())
-  assert BLOCKS[0] in _block("def train_step(params, opt_state, batch):")  # the headline
+  assert HEADLINE in _block("def train_step(params, opt_state, batch):")  # the headline
   params, opt_state, batch = ns["params"], ns["opt_state"], ns["batch"]
   loss_fn = lambda p: ns["loss_on"](p, batch)  # noqa: E731
   # First step: SGD momentum from zero state moves by −0.1 u, u the SAM gradient.
@@ -79,6 +102,20 @@ def test_quickstart_trains_and_matches_the_two_pass_step():
   for _ in range(30):
     new_params, opt_state, last = ns["train_step"](new_params, opt_state, batch)
   assert float(last) < 0.5 * float(first)
+
+
+def test_sam_stats_snippet_prints_the_last_steps_clean_norm_and_perturbed_loss(capsys):
+  ns = _run("def train_step(params, opt_state, batch):", _mlp_namespace())
+  params, batch = ns["params"], ns["batch"]
+  _, ns["opt_state"], _ = ns["train_step"](params, ns["opt_state"], batch)
+  _run("loss at w + eps", ns)
+  loss_fn = lambda p: ns["loss_on"](p, batch)  # noqa: E731
+  g = jax.grad(loss_fn)(params)
+  norm = float(jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree.leaves(g))))
+  eps = jax.tree.map(lambda v: 0.05 * v / norm, g)
+  perturbed = float(loss_fn(jax.tree.map(jnp.add, params, eps)))
+  assert capsys.readouterr().out.strip() == (
+      f"clean |g| {norm:.4f}, loss at w + eps {perturbed:.4f}")
 
 
 def test_sharpness_aware_composition_takes_the_pass_every_fifth_step():
@@ -209,7 +246,7 @@ def _nnx_namespace(tmp_path) -> dict[str, Any]:
   return {
       "jax": jax, "jnp": jnp, "optax": optax, "sam_optax": sam_optax, "nnx": nnx,
       "model": Net(nnx.Rngs(0, dropout=1)), "model_loss": model_loss,
-      "loss_fn": model_loss,  # the README's older name for it
+      "loss_fn": model_loss,  # the docs' older name for it
       "x": jax.random.normal(jax.random.key(1), (32, 4)), "y": jnp.arange(32) % 2,
       "make_model_and_optimizer": make_model_and_optimizer, "path": tmp_path,
   }
