@@ -251,8 +251,8 @@ def test_sam_in_lora_mode_perturbs_only_the_adapters_and_head():
 # ------------------------------------------------------------------ quick mode
 
 def _readme_snippet():
-  """The fine-tuning region of the repository's README with a line of context."""
-  body = (ft._ROOT / "README.md").read_text()
+  """The fine-tuning region of its documentation page with a line of context."""
+  body = (ft._ROOT / "docs" / "benchmarks" / "fine_tuning.md").read_text()
   lines = body.splitlines(keepends=True)
   i = next(k for k, ln in enumerate(lines) if ln.startswith(ft.START))
   j = next(k for k, ln in enumerate(lines) if ln.startswith(ft.END))

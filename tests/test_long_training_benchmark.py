@@ -1,4 +1,4 @@
-"""The long-training benchmark: quick mode end to end, the README region, the verdict."""
+"""The long-training benchmark: quick mode end to end, the report region, the verdict."""
 
 from __future__ import annotations
 

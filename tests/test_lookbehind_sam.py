@@ -142,7 +142,7 @@ def test_k1_alpha1_is_sam():
 
 def test_defaults():
   sig = inspect.signature(sam_optax.lookbehind_sam).parameters
-  # The README's Lookbehind-SAM run: rho 0.05, k 2; alpha: the class default 0.5.
+  # The generalization benchmark's Lookbehind-SAM run: rho 0.05, k 2; alpha: the class default 0.5.
   assert sig["rho"].default == 0.05 and sig["k"].default == 2
   assert sig["alpha"].default == 0.5
 

@@ -1,4 +1,4 @@
-"""The overhead benchmark: its JSON, its deterministic figures, its README region."""
+"""The overhead benchmark: its JSON, its deterministic figures, its report region."""
 
 from __future__ import annotations
 

@@ -193,7 +193,7 @@ def test_departures_are_detected():
 
 
 def test_plain_prediction_without_momentum():
-  """momentum=0, wd=0: the README's y_{t+1} = x_t − η ∇f(y_t) and plain SGD."""
+  """momentum=0, wd=0: the family page's y_{t+1} = x_t − η ∇f(y_t) and plain SGD."""
   hyper = dict(lr=0.2, rho=0.1, og=0.2, wd=0.0, mom=0.0)
   with jax.enable_x64(True):
     ref, p_ref = _reference(6, **hyper)

@@ -485,7 +485,7 @@ def test_remat_inside_the_closure_gives_the_same_update():
 @functools.partial(JIT, static_argnums=0)
 def grouped_update(groups: int, params, data):
   """m-sharpness over groups of whole sequences: ``sam`` with an ``axis_name``
-  under ``jax.vmap``, one member per group (the README's one-device recipe)."""
+  under ``jax.vmap``, one member per group (the distributed guide's one-device recipe)."""
   tx = sam_optax.sam(RHO, axis_name="sequences")
   grouped = jax.tree.map(lambda a: a.reshape(groups, -1, *a.shape[1:]), data)
 

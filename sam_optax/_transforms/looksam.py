@@ -62,8 +62,8 @@ def looksam(
     SAM's correction is small next to :math:`\|g\|` (a small ρ; on small
     models, as the benchmark below shows) the in-between steps are
     dominated by a direction SAM would hardly add, and ρ → 0 does not turn
-    LookSAM into the base optimizer. In this library's generalization benchmark (README,
-    "Generalization": a small MLP and a 1-D CNN on MNIST-1D, ρ tuned over
+    LookSAM into the base optimizer. In this library's generalization benchmark (the
+    documentation's "Generalization" page: a small MLP and a 1-D CNN on MNIST-1D, ρ tuned over
     0.1 and 0.3) LookSAM with the paper's ``k=5``, ``alpha=0.7`` ended 5 to
     23 accuracy points behind tuned SGD, where SAM stayed within one point
     of it or ahead.
