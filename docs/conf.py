@@ -7,6 +7,7 @@ public name without an API entry fails the build.
 
 from __future__ import annotations
 
+import inspect
 import pathlib
 import sys
 
@@ -26,7 +27,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
-    "sphinx.ext.viewcode",
+    "sphinx.ext.linkcode",
     "sphinx_copybutton",
     # MathJax served with the site, so that math renders without a network.
     "sphinx-mathjax-offline",
@@ -74,4 +75,37 @@ html_theme_options = {
     "use_repository_button": True,
     "navigation_with_keys": False,
 }
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
+
+
+# ----------------------------------------------------------------- [source] links
+REPOSITORY = "https://github.com/sam-optax/sam_optax/blob/main"
+
+
+def linkcode_resolve(domain: str, info: dict[str, str]) -> str | None:
+  """The repository file and lines that define an API entry."""
+  if domain != "py" or not info.get("module"):
+    return None
+  obj = sys.modules.get(info["module"])
+  if obj is None:
+    import importlib
+    try:
+      obj = importlib.import_module(info["module"])
+    except ImportError:
+      obj = sam_optax
+      for part in info["module"].split(".")[1:]:
+        obj = getattr(obj, part, None)
+  for part in info["fullname"].split("."):
+    obj = getattr(obj, part, None)
+  obj = inspect.unwrap(obj) if callable(obj) else obj
+  try:
+    path = pathlib.Path(inspect.getsourcefile(obj)).resolve()
+    lines, start = inspect.getsourcelines(obj)
+  except (TypeError, OSError):
+    return None
+  try:
+    relative = path.relative_to(ROOT).as_posix()
+  except ValueError:
+    return None
+  return f"{REPOSITORY}/{relative}#L{start}-L{start + len(lines) - 1}"

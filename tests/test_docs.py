@@ -195,6 +195,7 @@ def test_site_builds_warning_free_with_every_api_entry_and_link(site):
   for page, parsed in pages.items():
     for link in parsed.links:
       target, _, fragment = urllib.parse.unquote(link).partition("#")
+      target = target.split("?")[0]
       path = (page.parent / target).resolve() if target else page
       if path.is_dir():
         path = path / "index.html"

@@ -57,8 +57,8 @@ def fisher_sam(
   Choosing rho: SAM's scale, from below. Since :math:`F \succeq I`, the
   Euclidean length of :math:`\hat\epsilon` is at most ρ: equal to it where
   :math:`\eta\, g \odot g` is small, shorter where the gradient is large, so
-  at the same ρ Fisher SAM never moves further than SAM. Start from SAM's
-  0.05 (Foret et al., 2021); the values Kim et al. (2022) use for ρ (their
+  at the same ρ Fisher SAM never moves further than SAM. Start in SAM's range
+  (0.05 to 0.1, Foret et al., 2021; the default is 0.1); the values Kim et al. (2022) use for ρ (their
   γ) and η are not checked here, so tune both per task.
 
   Args:
