@@ -13,8 +13,6 @@ README and the guide is claimed by a test here or in ``test_docs_*.py``.
 from __future__ import annotations
 
 import pathlib
-import re
-import textwrap
 from typing import Any
 
 import chex
@@ -26,6 +24,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 import sam_optax
+from tests.doc_blocks import python_blocks
 from tests.reference import sam_gradient
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -43,15 +42,9 @@ SOURCES = [ROOT / "README.md"] + sorted(
     and p.relative_to(ROOT / "docs").as_posix() not in OWN_TESTS)
 
 
-def blocks_of(path: pathlib.Path) -> list[str]:
-  """The ```python blocks of a Markdown file (list-item blocks dedented)."""
-  return [textwrap.dedent(b)
-          for b in re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)]
-
-
 # Identical blocks on several pages count once.
-BLOCKS = list(dict.fromkeys(b for p in SOURCES for b in blocks_of(p)))
-HEADLINE = blocks_of(ROOT / "README.md")[0]
+BLOCKS = list(dict.fromkeys(b for p in SOURCES for b in python_blocks(p)))
+HEADLINE = python_blocks(ROOT / "README.md")[0]
 
 
 def _block(anchor: str) -> str:

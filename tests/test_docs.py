@@ -15,7 +15,6 @@ import pathlib
 import re
 import subprocess
 import sys
-import textwrap
 import urllib.parse
 
 import pytest
@@ -23,6 +22,7 @@ import pytest
 import sam_optax
 import sam_optax.flax
 import sam_optax.sharpness
+from tests.doc_blocks import python_blocks
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -94,11 +94,6 @@ def test_every_notebook_is_in_the_site():
     assert f"notebooks/{path.stem}\n" in index, path.name
 
 
-def _python_blocks(path: pathlib.Path) -> list[str]:
-  return [textwrap.dedent(b) for b in
-          re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)]
-
-
 def _anchors(test_file: pathlib.Path) -> list[str]:
   """The anchors a test module passes to ``_block``/``_run``."""
   text = test_file.read_text()
@@ -113,7 +108,7 @@ def test_every_code_block_is_run_by_a_test():
   anchors = _anchors(ROOT / "tests" / "test_doc_snippets.py")
   unclaimed = []
   for page in snippets.SOURCES:
-    for block in _python_blocks(page):
+    for block in python_blocks(page):
       if block == snippets.HEADLINE:
         continue  # checked to be part of the quickstart block
       if not any(a in block for a in anchors):
@@ -121,7 +116,7 @@ def test_every_code_block_is_run_by_a_test():
   assert not unclaimed, "blocks no test runs:\n" + "\n".join(unclaimed)
   # The pages with their own test modules.
   for page in snippets.OWN_TESTS:
-    if _python_blocks(DOCS / page):
+    if python_blocks(DOCS / page):
       owner = "test_docs_variants.py" if page.startswith("variants/") else "test_docs_migration.py"
       assert (ROOT / "tests" / owner).exists(), (page, owner)
 

@@ -15,7 +15,6 @@ import inspect
 import pathlib
 import re
 import sys
-import textwrap
 from typing import Any
 
 import chex
@@ -26,6 +25,7 @@ import optax
 import pytest
 
 import sam_optax
+from tests.doc_blocks import python_blocks
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "migration"
 PAGES = {
@@ -35,10 +35,7 @@ PAGES = {
 
 
 def _blocks(page: str) -> list[str]:
-  return [
-      textwrap.dedent(b)
-      for b in re.findall(r"```python\n(.*?)```", PAGES[page], flags=re.S)
-  ]
+  return python_blocks(DOCS / f"{page}.md")
 
 
 def _block(page: str, anchor: str) -> str:

@@ -42,9 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.doc_blocks import python_blocks
+
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "variants"
 PAGES = ("geometry", "sparse", "directions", "efficient", "full_optimizers")
-_BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 _ROLE = re.compile(r"\{(?:func|class)\}`([^`<]+)`")
 
 # The full-optimizer page's values: wsam_decoupled(rho=0.05, gamma=0.88) and
@@ -57,7 +58,7 @@ def _text(page: str) -> str:
 
 
 def _blocks(page: str) -> list[str]:
-  return _BLOCK.findall(_text(page))
+  return python_blocks(DOCS / f"{page}.md")
 
 
 @functools.lru_cache(maxsize=None)
