@@ -87,15 +87,11 @@ def linkcode_resolve(domain: str, info: dict[str, str]) -> str | None:
   """The repository file and lines that define an API entry."""
   if domain != "py" or not info.get("module"):
     return None
-  obj = sys.modules.get(info["module"])
-  if obj is None:
-    import importlib
-    try:
-      obj = importlib.import_module(info["module"])
-    except ImportError:
-      obj = sam_optax
-      for part in info["module"].split(".")[1:]:
-        obj = getattr(obj, part, None)
+  # Public module paths (sam_optax.perturbations, ...) are attributes of the
+  # package, not all importable modules: walk them from the package.
+  obj = sam_optax
+  for part in info["module"].split(".")[1:]:
+    obj = getattr(obj, part, None)
   for part in info["fullname"].split("."):
     obj = getattr(obj, part, None)
   obj = inspect.unwrap(obj) if callable(obj) else obj

@@ -26,6 +26,7 @@ import pytest
 
 import sam_optax
 from tests.doc_blocks import python_blocks
+from tests.reference import sam_gradient
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "migration"
 PAGES = {
@@ -101,12 +102,6 @@ def _axpy(a: Any, x: Any, y: Any) -> Any:
   return jax.tree.map(lambda xi, yi: a * xi + yi, x, y)
 
 
-def _sam_grad(loss_fn, params, rho):
-  """The plain two-pass SAM gradient ``∇L(w + ρ g/‖g‖)``."""
-  g = jax.grad(loss_fn)(params)
-  return jax.grad(loss_fn)(_axpy(rho / _norm(g), g, params))
-
-
 def _sgd_momentum(params, grads_at, lr, steps, momentum=0.9):
   """SGD with heavy-ball momentum (torch and optax form), written out."""
   trace = jax.tree.map(jnp.zeros_like, params)
@@ -147,7 +142,7 @@ def test_contrib_before_and_after_reach_the_parameters_of_two_pass_sam():
     assert (ns["rho"], ns["lr"]) == (0.05, 0.1)
   loss = runs[C_AFTER]["loss"]
   want = _mlp_run(
-      runs[C_AFTER], lambda b, p: _sam_grad(lambda q: loss(q, *b), p, 0.05)
+      runs[C_AFTER], lambda b, p: sam_gradient(lambda q: loss(q, *b), p, 0.05)
   )
   plain = _mlp_run(runs[C_AFTER], lambda b, p: jax.grad(loss)(p, *b))
   assert _far(want, plain, 1e-3)  # SAM moved somewhere else than SGD
@@ -165,7 +160,7 @@ def test_contrib_sync_period_3_is_two_ascent_steps_of_rho():
   g1 = jax.grad(loss_fn)(_axpy(1.0, eps, params))
   eps = _axpy(rho / _norm(g1), g1, eps)
   want = jax.tree.map(lambda u: -0.1 * u, jax.grad(loss_fn)(_axpy(1.0, eps, params)))
-  one_step = jax.tree.map(lambda u: -0.1 * u, _sam_grad(loss_fn, params, rho))
+  one_step = jax.tree.map(lambda u: -0.1 * u, sam_gradient(loss_fn, params, rho))
   assert _far(want, one_step, 1e-4)
   chex.assert_trees_all_close(ns["contrib_updates"], want, **TOL)
   chex.assert_trees_all_close(ns["updates"], want, **TOL)
@@ -238,7 +233,7 @@ def test_pytorch_after_block_is_sgd_momentum_on_the_two_pass_sam_gradient():
   assert "params = init_mlp(jax.random.key(0))" in _block("pytorch_sam", P_AFTER)
   loss_function = ns["loss_function"]
   want = _mlp_run(
-      ns, lambda b, p: _sam_grad(lambda q: loss_function(q, *b), p, 0.05), epochs=5
+      ns, lambda b, p: sam_gradient(lambda q: loss_function(q, *b), p, 0.05), epochs=5
   )
   plain = _mlp_run(ns, lambda b, p: jax.grad(loss_function)(p, *b), epochs=5)
   assert _far(want, plain, 1e-3)
@@ -267,7 +262,7 @@ def test_pytorch_mixed_precision_block_gives_the_unscaled_step():
   ns = _run("pytorch_sam", P_MIXED)
   params, loss, x, y = ns["params"], ns["loss"], ns["x"], ns["y"]
   assert ns["scale"] > 1.0
-  u = _sam_grad(lambda p: loss(p, x, y), params, 0.05)
+  u = sam_gradient(lambda p: loss(p, x, y), params, 0.05)
   want = _axpy(-0.1, u, params)
   chex.assert_trees_all_close(ns["new_params"], want, rtol=1e-2, atol=1e-3)
   # Without the loss scale the step would be `scale` times as long.
@@ -277,7 +272,7 @@ def test_pytorch_mixed_precision_block_gives_the_unscaled_step():
     assert leaf.dtype == jnp.bfloat16
   loss32 = lambda p: jnp.mean((jnp.tanh(x @ p["w1"]) @ p["w2"] - y) ** 2)  # noqa: E731
   p32 = jax.tree.map(lambda w: w.astype(jnp.float32), ns["params_bf16"])
-  want_bf16 = jax.tree.map(lambda u: -0.1 * u, _sam_grad(loss32, p32, 0.05))
+  want_bf16 = jax.tree.map(lambda u: -0.1 * u, sam_gradient(loss32, p32, 0.05))
   chex.assert_trees_all_close(
       jax.tree.map(lambda u: u.astype(jnp.float32), ns["updates_bf16"]),
       want_bf16, rtol=5e-2, atol=5e-3,
@@ -289,12 +284,12 @@ def test_pytorch_shard_map_block_is_per_device_sam():
   params, loss, x, y = ns["params"], ns["loss"], ns["x"], ns["y"]
   n = jax.device_count()
   xs, ys = x.reshape(n, -1, x.shape[1]), y.reshape(n, -1, y.shape[1])
-  shards = [_sam_grad(lambda p, i=i: loss(p, xs[i], ys[i]), params, 0.05) for i in range(n)]
+  shards = [sam_gradient(lambda p, i=i: loss(p, xs[i], ys[i]), params, 0.05) for i in range(n)]
   mean = jax.tree.map(lambda *g: sum(g) / n, *shards)
   want = _axpy(-0.1, mean, params)
   chex.assert_trees_all_close(ns["new_params"], want, **TOL)
   if n > 1:  # per-device ε differs from one ε for the whole batch
-    synced = _axpy(-0.1, _sam_grad(lambda p: loss(p, x, y), params, 0.05), params)
+    synced = _axpy(-0.1, sam_gradient(lambda p: loss(p, x, y), params, 0.05), params)
     assert _far(want, synced, 1e-6)
 
 
@@ -307,7 +302,7 @@ def test_pytorch_chain_block_clips_decays_and_schedules_like_torch():
   clipped = []
 
   def grads_at(t, p):
-    u = _sam_grad(lambda q: loss(q, *loader[t % len(loader)]), p, 0.05)
+    u = sam_gradient(lambda q: loss(q, *loader[t % len(loader)]), p, 0.05)
     norm = float(_norm(u))
     clipped.append(norm > 1.0)
     u = jax.tree.map(lambda g: g * min(1.0, 1.0 / norm), u)  # clip_grad_norm_(…, 1.0)
@@ -331,7 +326,7 @@ def test_pytorch_batchnorm_block_keeps_the_clean_pass_statistics():
   g = jax.grad(loss_fn)(params)
   perturbed = _axpy(0.05 / _norm(g), g, params)
   assert _far({"m": clean_stats}, {"m": 0.1 * jnp.mean(x @ perturbed["w1"], axis=0)}, 1e-5)
-  want = _axpy(-0.1, _sam_grad(loss_fn, params, 0.05), params)
+  want = _axpy(-0.1, sam_gradient(loss_fn, params, 0.05), params)
   chex.assert_trees_all_close(ns["new_params"], want, **TOL)
   assert float(ns["loss"]) == pytest.approx(float(loss_fn(params)), rel=1e-6)
 
@@ -339,10 +334,10 @@ def test_pytorch_batchnorm_block_keeps_the_clean_pass_statistics():
 def test_pytorch_accumulation_block_forms():
   ns = _run("pytorch_sam", P_ACCUM)
   params, loss, xs, ys, k = ns["params"], ns["loss"], ns["xs"], ns["ys"], ns["k"]
-  per_micro = [_sam_grad(lambda p, i=i: loss(p, xs[i], ys[i]), params, 0.05) for i in range(k)]
+  per_micro = [sam_gradient(lambda p, i=i: loss(p, xs[i], ys[i]), params, 0.05) for i in range(k)]
   want_1 = _axpy(-0.1, jax.tree.map(lambda *g: sum(g) / k, *per_micro), params)
   full = lambda p: jnp.mean(jnp.stack([loss(p, xs[i], ys[i]) for i in range(k)]))  # noqa: E731
-  want_2 = _axpy(-0.1, _sam_grad(full, params, 0.05), params)
+  want_2 = _axpy(-0.1, sam_gradient(full, params, 0.05), params)
   assert _far(want_1, want_2, 1e-6)
   chex.assert_trees_all_close(ns["params_1"], want_1, **TOL)
   chex.assert_trees_all_close(ns["params_2"], want_2, **TOL)
@@ -422,6 +417,6 @@ def test_contrib_flax_train_state_cannot_pass_grad_fn_where_ours_can():
   tx = optax.chain(sam_optax.sam(0.05), optax.sgd(0.1))
   ours = sam_optax.flax.TrainState.create(apply_fn=None, params=params, tx=tx)
   ours = ours.apply_gradients(grads=grads, loss_fn=loss_fn)
-  want = _axpy(-0.1, _sam_grad(loss_fn, params, 0.05), params)
+  want = _axpy(-0.1, sam_gradient(loss_fn, params, 0.05), params)
   chex.assert_trees_all_close(ours.params, want, **TOL)
   assert int(ours.step) == 1

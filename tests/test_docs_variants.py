@@ -120,6 +120,14 @@ def _grad_fn(ns, loss=None):
   return at
 
 
+def _at_start(ns):
+  """The float64 gradient function, the initial parameters and the clean
+  gradient there."""
+  grad = _grad_fn(ns)
+  w = _wide(ns["init_params"])
+  return grad, w, grad(w)
+
+
 def _assert_update(ns, label, expected):
   actual = _flat(ns["first_updates"][label])
   expected = _flat(expected)
@@ -210,9 +218,7 @@ def test_geometry_first_step_is_the_pages_rule(name):
   ns = _run("geometry")
   factory, kw = ns["variants"][name]
   assert factory.__name__ == name
-  grad = _grad_fn(ns)
-  w = _wide(ns["init_params"])
-  g = grad(w)
+  grad, w, g = _at_start(ns)
   u = grad(_add(w, _geometry_epsilon(name, kw, w, g)))
   _assert_update(ns, name, _scale(u, -ns["lr"]))
 
@@ -220,9 +226,7 @@ def test_geometry_first_step_is_the_pages_rule(name):
 def test_geometry_references_tell_the_variants_apart():
   """The references differ from SAM's by far more than the tolerance."""
   ns = _run("geometry")
-  grad = _grad_fn(ns)
-  w = _wide(ns["init_params"])
-  g = grad(w)
+  grad, w, g = _at_start(ns)
   sam = _flat(grad(_add(w, _geometry_epsilon("sam", {"rho": 0.05}, w, g))))
   for name in ("asam", "samson", "fisher_sam", "usam", "gcsam"):
     other = _flat(grad(_add(w, _geometry_epsilon(name, ns["variants"][name][1], w, g))))
@@ -257,9 +261,7 @@ def test_sparse_first_step_is_the_pages_rule(label):
   ns = _run("sparse")
   _, kw = ns["variants"][label]
   rho = kw["rho"]
-  grad = _grad_fn(ns)
-  w = _wide(ns["init_params"])
-  g = grad(w)
+  grad, w, g = _at_start(ns)
   if label == "masked_sam":  # "masked": the norm of M ⊙ g
     bools = kw["mask"]
     mask = jax.tree.map(lambda b, x: np.full(x.shape, b, bool), bools, w)
@@ -298,9 +300,7 @@ def test_sparse_first_step_is_the_pages_rule(label):
 def test_directions_first_steps_are_the_pages_rules():
   ns = _run("directions")
   variants, lr = ns["variants"], ns["lr"]
-  grad = _grad_fn(ns)
-  w = _wide(ns["init_params"])
-  g = grad(w)
+  grad, w, g = _at_start(ns)
 
   kw = variants["gsam"][1]
   g_p = grad(_sam_point(w, g, kw["rho"]))
@@ -357,9 +357,7 @@ def test_dgsam_first_step_is_the_rule_for_one_domain_order():
 def test_efficient_first_steps_and_pass_counts():
   ns = _run("efficient")
   lr, rho, k, steps = ns["lr"], ns["rho"], ns["k"], ns["steps"]
-  grad = _grad_fn(ns)
-  w = _wide(ns["init_params"])
-  g = grad(w)
+  grad, w, g = _at_start(ns)
   sam_u = grad(_sam_point(w, g, rho))
   # SGD with momentum: the first step is -lr times its gradient.
   for label in ("sam", "looksam", "looksam, alpha=0.2"):  # step 0 is a SAM step
@@ -391,9 +389,7 @@ def test_efficient_first_steps_and_pass_counts():
 def test_full_optimizers_first_steps():
   ns = _run("full_optimizers")
   lr, rho = ns["lr"], FULL["rho"]
-  grad = _grad_fn(ns)
-  w = _wide(ns["init_params"])
-  g = grad(w)
+  grad, w, g = _at_start(ns)
 
   alpha = FULL["gamma"] / (1.0 - FULL["gamma"])
   g_p = grad(_sam_point(w, g, rho))
